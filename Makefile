@@ -1,0 +1,38 @@
+# `make test` builds .venv (again whenever a requirements file changes) and runs the suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-all lint format bench-gae clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+# Fast suite (everything not marked slow), then the slow tests that guard the public surface.
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 tests
+
+# Every test, including the ones marked slow.
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n 2 --runslow tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check vcppo_jax configs tests benchmarks experiments
+	$(VENV)/bin/ruff format --check vcppo_jax configs tests benchmarks experiments
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format vcppo_jax configs tests benchmarks experiments
+	$(VENV)/bin/ruff check --fix vcppo_jax configs tests benchmarks experiments
+
+bench-gae: $(STAMP)
+	$(PY) -m benchmarks.gae
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,157 @@
+"""Fields shared by every experiment config, and the named size variants.
+
+Each config file builds on ``base_config()`` and picks a size with ``apply_variant``. Every field
+can be overridden from the command line, e.g. ``--config.gae.lambda_actor=0.99``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+VARIANTS = ("smoke", "tiny", "small", "qwen2.5-32b")
+
+
+def parse_arg(arg: str | None, default: str = "tiny") -> str:
+    """``configs/x.py:tiny`` -> ``"tiny"``; an unknown variant names the ones there are."""
+    variant = arg or default
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; expected one of {VARIANTS}")
+    return variant
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.variant = ""
+
+    # Policy / critic model (architectures and loading: vcppo_jax.models).
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_path = config_dict.placeholder(str)  # A HF Llama/Qwen2 directory, or None.
+    c.model.vocab_size = 512
+    c.model.hidden_size = 64
+    c.model.num_layers = 3
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.mlp_dim = 256
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"
+    c.model.remat = "none"
+
+    # Rollouts.
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.prompts_per_step = 32
+    c.rollout.samples_per_prompt = 1  # Group size n; GRPO and dynamic sampling need n > 1.
+    c.rollout.max_new_tokens = 128
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0  # 0 = off.
+    c.rollout.dynamic_sampling = False  # DAPO: drop groups that are all right or all wrong.
+
+    # Rewards: +1 correct, -1 incorrect on the last response token.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.correct = 1.0
+    c.reward.incorrect = -1.0
+    c.reward.overlong_buffer = 0  # DAPO soft overlong penalty window in tokens; 0 = off.
+    c.reward.overlong_penalty = 1.0
+
+    # Decoupled GAE (VC-PPO section 4.2) and VAPO's length-adaptive actor lambda.
+    c.gae = ml_collections.ConfigDict()
+    c.gae.gamma = 1.0
+    c.gae.lambda_actor = 0.95
+    c.gae.lambda_critic = 1.0
+    c.gae.length_adaptive_alpha = config_dict.placeholder(float)  # VAPO: 0.05; None = off.
+    c.gae.whiten_advantages = True
+    c.gae.estimator = "gae"  # "gae" or "grpo" (group-normalised rewards, no critic).
+
+    # PPO.
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.eps_low = 0.2
+    c.ppo.eps_high = 0.2  # DAPO clip-higher: 0.28.
+    c.ppo.dual_clip = config_dict.placeholder(float)  # e.g. 3.0; None = off.
+    c.ppo.loss_agg_mode = "token-mean"
+    c.ppo.value_clip = config_dict.placeholder(float)  # e.g. 0.2; None = unclipped.
+    c.ppo.entropy_coef = 0.0
+    c.ppo.kl_coef = 0.0  # KL-to-reference loss weight; 0 = no reference model.
+    c.ppo.kl_estimator = "k3"
+    c.ppo.positive_nll_coef = 0.0  # VAPO mu: 0.1.
+    c.ppo.epochs = 1
+    c.ppo.minibatches = 4
+    c.ppo.steps = 100
+
+    # Optimisers.
+    c.actor = ml_collections.ConfigDict()
+    c.actor.learning_rate = 1e-6
+    c.actor.warmup_steps = 0
+    c.actor.grad_clip = 1.0
+    c.actor.weight_decay = 0.0
+    c.critic = ml_collections.ConfigDict()
+    c.critic.learning_rate = 2e-6
+    c.critic.warmup_steps = 0
+    c.critic.grad_clip = 1.0
+    c.critic.weight_decay = 0.0
+    # Where the critic starts: "reward_model" (the paper's failing baseline), "policy" (the
+    # policy's backbone with a fresh value head) or "value_pretrain" (VC-PPO).
+    c.critic.init = "value_pretrain"
+
+    # Value pretraining (VC-PPO section 4.1): fixed policy, Monte Carlo targets (lambda = 1).
+    c.value_pretrain = ml_collections.ConfigDict()
+    c.value_pretrain.enabled = True
+    c.value_pretrain.steps = 100
+    c.value_pretrain.lambda_ = 1.0
+
+    # Evaluation, logging, checkpoints.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 10
+    c.eval.num_prompts = 128
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 10
+
+    # Device mesh: axis sizes, -1 fills the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.distributed = False  # Call jax.distributed.initialize() (multi-host).
+    return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """Sizes for each named variant; the science fields are left alone."""
+    c.variant = variant
+    if variant == "smoke":  # Every stage for a few steps: the end-to-end tests.
+        c.model.update(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
+        c.rollout.update(prompts_per_step=8, max_new_tokens=48)
+        c.ppo.update(steps=3, minibatches=2)
+        c.value_pretrain.steps = 3
+        c.eval.update(every_steps=3, num_prompts=16)
+        c.checkpoint_every_steps = 2
+        c.actor.learning_rate = 1e-4
+        c.critic.learning_rate = 1e-4
+    elif variant == "tiny":  # The CPU demo.
+        c.rollout.update(prompts_per_step=32, max_new_tokens=96)
+        c.ppo.update(steps=60, minibatches=4)
+        c.value_pretrain.steps = 30
+        c.eval.update(every_steps=10, num_prompts=128)
+        c.actor.learning_rate = 1e-4
+        c.critic.learning_rate = 3e-4
+    elif variant == "small":  # One GPU.
+        c.model.update(
+            vocab_size=2048, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
+            mlp_dim=1536, dtype="bfloat16",
+        )
+        c.rollout.update(prompts_per_step=128, samples_per_prompt=4, max_new_tokens=512)
+        c.ppo.update(steps=300, minibatches=8)
+        c.actor.learning_rate = 2e-5
+        c.critic.learning_rate = 5e-5
+    elif variant == "qwen2.5-32b":  # The paper's setting on a pod (8K context).
+        c.model.hf_path = "/path/to/qwen2.5-32b-long-cot-sft"
+        c.model.update(param_dtype="bfloat16", dtype="bfloat16", remat="full")
+        c.rollout.update(prompts_per_step=512, samples_per_prompt=1, max_new_tokens=8192)
+        c.ppo.update(steps=1000, minibatches=8)
+        c.actor.learning_rate = 1e-6
+        c.critic.learning_rate = 2e-6
+        c.value_pretrain.steps = 100
+        c.mesh.update(data=-1, fsdp=16, tensor=4)
+        c.distributed = True
+    return c

@@ -1,0 +1,195 @@
+"""Checks an experiment config before anything runs.
+
+``validate_config`` looks at every field it knows and raises one ``ConfigError`` that lists
+each bad field with its value and what is allowed, so a user fixes all of them in one go.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ml_collections
+
+from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
+
+CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
+ESTIMATORS = ("gae", "grpo")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the experiment cannot run with."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid config ({len(problems)} problem(s)):\n{lines}")
+
+
+_MISSING = object()
+
+
+def _get(config: ml_collections.ConfigDict, path: str) -> Any:
+    node = config
+    for key in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns ``config`` unchanged if every known field is valid; else raises ``ConfigError``."""
+    problems: list[str] = []
+
+    def check(path: str, ok: Callable[[Any], bool], allowed: str, optional: bool = False):
+        value = _get(config, path)
+        if value is _MISSING:
+            problems.append(f"{path}: missing (expected {allowed})")
+            return None
+        if optional and value is None:
+            return None
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            problems.append(f"{path}={value!r}: expected {allowed}")
+            return None
+        return value
+
+    def number_in(lo: float, hi: float, *, lo_open=False, hi_open=False):
+        def ok(x):
+            if not _is_number(x):
+                return False
+            above = x > lo if lo_open else x >= lo
+            below = x < hi if hi_open else x <= hi
+            return above and below
+
+        return ok
+
+    def one_of(options: Iterable[str]):
+        options = tuple(options)
+        return (lambda x: x in options), f"one of {options}"
+
+    positive_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0
+    non_negative_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    non_negative = number_in(0.0, math.inf)
+    unit = number_in(0.0, 1.0)
+
+    # GAE.
+    check("gae.gamma", unit, "a number in [0, 1]")
+    check("gae.lambda_actor", unit, "a number in [0, 1]")
+    check("gae.lambda_critic", unit, "a number in [0, 1]")
+    check(
+        "gae.length_adaptive_alpha",
+        number_in(0.0, math.inf, lo_open=True),
+        "a positive number (VAPO uses 0.05) or None",
+        optional=True,
+    )
+    check("gae.estimator", *one_of(ESTIMATORS))
+    check("gae.whiten_advantages", lambda x: isinstance(x, bool), "True or False")
+
+    # PPO.
+    eps_low = check("ppo.eps_low", number_in(0.0, 1.0, lo_open=True, hi_open=True), "in (0, 1)")
+    eps_high = check("ppo.eps_high", number_in(0.0, math.inf, lo_open=True), "a positive number")
+    if eps_low is not None and eps_high is not None and eps_high < eps_low:
+        problems.append(
+            f"ppo.eps_high={eps_high!r}: must be >= ppo.eps_low={eps_low!r} (clip-higher widens "
+            "the upper bound only)"
+        )
+    check("ppo.dual_clip", number_in(1.0, math.inf, lo_open=True), "a number > 1 or None", True)
+    check("ppo.loss_agg_mode", *one_of(AGG_MODES))
+    check("ppo.value_clip", number_in(0.0, math.inf, lo_open=True), "a positive number or None",
+          optional=True)
+    check("ppo.entropy_coef", non_negative, "a number >= 0")
+    check("ppo.kl_coef", non_negative, "a number >= 0")
+    check("ppo.kl_estimator", *one_of(KL_ESTIMATORS))
+    check("ppo.positive_nll_coef", non_negative, "a number >= 0")
+    check("ppo.epochs", positive_int, "an integer >= 1")
+    minibatches = check("ppo.minibatches", positive_int, "an integer >= 1")
+    check("ppo.steps", non_negative_int, "an integer >= 0")
+
+    # Rollouts and rewards.
+    prompts = check("rollout.prompts_per_step", positive_int, "an integer >= 1")
+    samples = check("rollout.samples_per_prompt", positive_int, "an integer >= 1")
+    if prompts is not None and samples is not None and minibatches is not None:
+        batch = prompts * samples
+        if batch % minibatches:
+            problems.append(
+                f"ppo.minibatches={minibatches}: must divide the rollout batch "
+                f"rollout.prompts_per_step * rollout.samples_per_prompt = {prompts} * {samples} "
+                f"= {batch}"
+            )
+    check("rollout.max_new_tokens", positive_int, "an integer >= 1")
+    check("rollout.temperature", number_in(0.0, math.inf), "a number >= 0 (0 = greedy)")
+    check("rollout.top_p", number_in(0.0, 1.0, lo_open=True), "a number in (0, 1]")
+    check("rollout.top_k", non_negative_int, "an integer >= 0 (0 = off)")
+    dynamic = check("rollout.dynamic_sampling", lambda x: isinstance(x, bool), "True or False")
+    estimator = _get(config, "gae.estimator")
+    if samples == 1 and (dynamic or estimator == "grpo"):
+        what = "rollout.dynamic_sampling" if dynamic else "gae.estimator='grpo'"
+        problems.append(
+            f"rollout.samples_per_prompt=1: {what} needs groups of at least 2 samples per prompt"
+        )
+    check("reward.correct", _is_number, "a finite number")
+    check("reward.incorrect", _is_number, "a finite number")
+    check("reward.overlong_buffer", non_negative_int, "an integer >= 0 (0 = off)")
+    check("reward.overlong_penalty", non_negative, "a number >= 0")
+
+    # Optimisers and critic initialisation.
+    for who in ("actor", "critic"):
+        check(f"{who}.learning_rate", number_in(0.0, math.inf, lo_open=True), "a positive number")
+        check(f"{who}.warmup_steps", non_negative_int, "an integer >= 0")
+        check(f"{who}.grad_clip", number_in(0.0, math.inf, lo_open=True), "a positive number")
+        check(f"{who}.weight_decay", non_negative, "a number >= 0")
+    init = check("critic.init", *one_of(CRITIC_INITS))
+    vp_enabled = check("value_pretrain.enabled", lambda x: isinstance(x, bool), "True or False")
+    check("value_pretrain.steps", non_negative_int, "an integer >= 0")
+    check("value_pretrain.lambda_", unit, "a number in [0, 1]")
+    if init == "value_pretrain" and vp_enabled is False:
+        problems.append(
+            "critic.init='value_pretrain': needs value_pretrain.enabled=True (or choose "
+            "critic.init='reward_model' or 'policy')"
+        )
+
+    # Model.
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "mlp_dim"):
+        check(f"model.{field}", positive_int, "an integer >= 1")
+    heads, kv = _get(config, "model.num_heads"), _get(config, "model.num_kv_heads")
+    if positive_int(heads) and positive_int(kv) and heads % kv:
+        problems.append(f"model.num_kv_heads={kv}: must divide model.num_heads={heads}")
+    hidden = _get(config, "model.hidden_size")
+    if positive_int(heads) and positive_int(hidden) and hidden % heads:
+        problems.append(f"model.hidden_size={hidden}: must be divisible by model.num_heads={heads}")
+    check("model.param_dtype", *one_of(DTYPES))
+    check("model.dtype", *one_of(DTYPES))
+    check("model.remat", *one_of(REMAT))
+
+    # Loop and mesh.
+    check("seed", lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer")
+    for field in ("eval.every_steps", "log_every_steps", "checkpoint_every_steps"):
+        check(field, positive_int, "an integer >= 1")
+    check("eval.num_prompts", positive_int, "an integer >= 1")
+    mesh_sizes = []
+    for axis in ("data", "fsdp", "tensor"):
+        size = check(
+            f"mesh.{axis}",
+            lambda x: isinstance(x, int) and not isinstance(x, bool) and (x == -1 or x >= 1),
+            "an integer >= 1, or -1 to fill the remaining devices",
+        )
+        mesh_sizes.append(size)
+    if mesh_sizes.count(-1) > 1:
+        problems.append(f"mesh: at most one axis may be -1; got {mesh_sizes}")
+
+    if problems:
+        raise ConfigError(problems)
+    return config

@@ -1,0 +1,50 @@
+r"""Entry point: ``python -m vcppo_jax.main --config=configs/vcppo.py:tiny --workdir=DIR``.
+
+Every config field can be overridden, e.g. ``--config.gae.lambda_actor=0.99``. The config is
+validated before anything runs; ``--validate_only`` prints the resolved config and exits.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vcppo_jax.config_validation import ConfigError, validate_config
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/vcppo.py:tiny.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics and checkpoints.")
+_VALIDATE_ONLY = flags.DEFINE_bool(
+    "validate_only", False, "Validate and print the resolved config, then exit."
+)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/vcppo.py:tiny")
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(config.to_json_best_effort(indent=2, sort_keys=True))
+    if _VALIDATE_ONLY.value:
+        return
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required to run an experiment")
+    print(
+        "error: this version validates configs only; the experiment runner is not in it yet "
+        "(use --validate_only)",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
