@@ -137,8 +137,13 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.critic.learning_rate = 3e-4
     elif variant == "small":  # One GPU.
         c.model.update(
-            vocab_size=2048, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4,
-            mlp_dim=1536, dtype="bfloat16",
+            vocab_size=2048,
+            hidden_size=512,
+            num_layers=8,
+            num_heads=8,
+            num_kv_heads=4,
+            mlp_dim=1536,
+            dtype="bfloat16",
         )
         c.rollout.update(prompts_per_step=128, samples_per_prompt=4, max_new_tokens=512)
         c.ppo.update(steps=300, minibatches=8)

@@ -19,8 +19,9 @@ METHODS = ("auto", "matmul", "associative", "scan")
 def numpy_gae(r, v, lengths, gamma, lam):
     """Per-sequence reverse loop, float64. lam: scalar, [B] or [B, T]."""
     b, t = r.shape
-    lam = np.broadcast_to(np.asarray(lam, np.float64).reshape(
-        (b, 1) if np.ndim(lam) == 1 else np.shape(lam)), (b, t))
+    lam = np.broadcast_to(
+        np.asarray(lam, np.float64).reshape((b, 1) if np.ndim(lam) == 1 else np.shape(lam)), (b, t)
+    )
     out = np.zeros((b, t))
     for i in range(b):
         acc = 0.0
@@ -66,12 +67,16 @@ def test_matches_numpy_loop(method, lam_kind):
     rng = np.random.default_rng(0)
     b, t = 6, 300  # Not a multiple of the chunk: exercises padding.
     r, v, mask, lengths = make_batch(rng, b, t, lengths=[0, 1, 16, 17, 299, 300])
-    lam_a = {"scalar": 0.95, "row": rng.uniform(0.5, 1.0, b),
-             "token": rng.uniform(0.5, 1.0, (b, t))}[lam_kind]
+    lam_a = {
+        "scalar": 0.95,
+        "row": rng.uniform(0.5, 1.0, b),
+        "token": rng.uniform(0.5, 1.0, (b, t)),
+    }[lam_kind]
     if method == "matmul" and lam_kind == "token":
         with pytest.raises(ValueError, match="matmul"):
-            decoupled_gae(r, v, mask, gamma=0.99, lambda_actor=lam_a, lambda_critic=1.0,
-                          method=method)
+            decoupled_gae(
+                r, v, mask, gamma=0.99, lambda_actor=lam_a, lambda_critic=1.0, method=method
+            )
         return
     check_against_numpy(r, v, mask, lengths, 0.99, lam_a, 1.0, method)
 
@@ -119,7 +124,8 @@ def test_lambda_zero_is_td_error(method):
         r, v, mask, gamma=gamma, lambda_actor=0.0, lambda_critic=0.0, method=method
     )
     v_next = np.concatenate([v[:, 1:], np.zeros((5, 1))], axis=1) * np.concatenate(
-        [mask[:, 1:], np.zeros((5, 1))], axis=1)
+        [mask[:, 1:], np.zeros((5, 1))], axis=1
+    )
     td = (r + gamma * v_next - v) * mask
     np.testing.assert_allclose(np.asarray(adv), td, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ret), (r + gamma * v_next) * mask, atol=1e-5)
@@ -142,8 +148,9 @@ def test_length_zero_rows_nan_padding_and_bfloat16():
     r_bad[mask == 0] = np.nan  # Garbage in the padding must not leak.
     v_bad[mask == 0] = np.inf
     for method in METHODS:
-        adv, ret = decoupled_gae(r_bad, v_bad, mask, gamma=1.0, lambda_actor=0.95,
-                                 lambda_critic=1.0, method=method)
+        adv, ret = decoupled_gae(
+            r_bad, v_bad, mask, gamma=1.0, lambda_actor=0.95, lambda_critic=1.0, method=method
+        )
         assert np.isfinite(np.asarray(adv)).all() and np.isfinite(np.asarray(ret)).all()
         np.testing.assert_array_equal(np.asarray(adv[:2]), 0.0)
         np.testing.assert_array_equal(np.asarray(ret[:2]), 0.0)
@@ -151,15 +158,27 @@ def test_length_zero_rows_nan_padding_and_bfloat16():
     r16, v16 = jnp.asarray(r, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
     adv16, ret16 = decoupled_gae(r16, v16, mask, gamma=1.0, lambda_actor=0.95, lambda_critic=1.0)
     assert adv16.dtype == jnp.float32
-    adv32, ret32 = decoupled_gae(r16.astype(jnp.float32), v16.astype(jnp.float32), mask,
-                                 gamma=1.0, lambda_actor=0.95, lambda_critic=1.0)
+    adv32, ret32 = decoupled_gae(
+        r16.astype(jnp.float32),
+        v16.astype(jnp.float32),
+        mask,
+        gamma=1.0,
+        lambda_actor=0.95,
+        lambda_critic=1.0,
+    )
     np.testing.assert_allclose(np.asarray(adv16), np.asarray(adv32), atol=1e-6)
     np.testing.assert_allclose(np.asarray(ret16), np.asarray(ret32), atol=1e-6)
 
 
 def test_empty_time_axis():
-    adv, ret = decoupled_gae(np.zeros((3, 0)), np.zeros((3, 0)), np.zeros((3, 0)), gamma=1.0,
-                             lambda_actor=0.95, lambda_critic=1.0)
+    adv, ret = decoupled_gae(
+        np.zeros((3, 0)),
+        np.zeros((3, 0)),
+        np.zeros((3, 0)),
+        gamma=1.0,
+        lambda_actor=0.95,
+        lambda_critic=1.0,
+    )
     assert adv.shape == ret.shape == (3, 0)
 
 
@@ -215,8 +234,11 @@ def test_sharded_batch_matches_single_device():
     for lam_a in (0.95, lam_rows):
         want = decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=lam_a, lambda_critic=1.0)
         args = [jax.device_put(x, sharding) for x in (r, v, mask)]
-        lam = lam_a if np.ndim(lam_a) == 0 else jax.device_put(
-            lam_a, NamedSharding(mesh, PartitionSpec("data")))
+        lam = (
+            lam_a
+            if np.ndim(lam_a) == 0
+            else jax.device_put(lam_a, NamedSharding(mesh, PartitionSpec("data")))
+        )
         got = decoupled_gae(*args, gamma=1.0, lambda_actor=lam, lambda_critic=1.0)
         for g, w in zip(got, want, strict=True):
             assert g.sharding.spec[0] == "data" or len(g.sharding.device_set) == 8

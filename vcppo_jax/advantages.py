@@ -56,8 +56,7 @@ def _check_lambda(name: str, lam, shape: tuple[int, int]) -> None:
     lam_shape = np.shape(lam)
     if lam_shape not in ((), shape[:1], shape):
         raise ValueError(
-            f"{name} must be a scalar, [B] = {shape[:1]} or [B, T] = {shape}; got shape "
-            f"{lam_shape}"
+            f"{name} must be a scalar, [B] = {shape[:1]} or [B, T] = {shape}; got shape {lam_shape}"
         )
     if isinstance(lam, (int, float)) and not 0.0 <= lam <= 1.0:
         raise ValueError(f"{name} must lie in [0, 1]; got {lam}")

@@ -107,8 +107,12 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
     check("ppo.dual_clip", number_in(1.0, math.inf, lo_open=True), "a number > 1 or None", True)
     check("ppo.loss_agg_mode", *one_of(AGG_MODES))
-    check("ppo.value_clip", number_in(0.0, math.inf, lo_open=True), "a positive number or None",
-          optional=True)
+    check(
+        "ppo.value_clip",
+        number_in(0.0, math.inf, lo_open=True),
+        "a positive number or None",
+        optional=True,
+    )
     check("ppo.entropy_coef", non_negative, "a number >= 0")
     check("ppo.kl_coef", non_negative, "a number >= 0")
     check("ppo.kl_estimator", *one_of(KL_ESTIMATORS))
@@ -161,8 +165,14 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
 
     # Model.
-    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                  "mlp_dim"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "mlp_dim",
+    ):
         check(f"model.{field}", positive_int, "an integer >= 1")
     heads, kv = _get(config, "model.num_heads"), _get(config, "model.num_kv_heads")
     if positive_int(heads) and positive_int(kv) and heads % kv:

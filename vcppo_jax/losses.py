@@ -119,9 +119,7 @@ def policy_loss(
         dual = (adv < 0) & (per_token > bound)
         per_token = jnp.where(adv < 0, jnp.minimum(per_token, bound), per_token)
         metrics["dual_clip_fraction"] = _token_mean(dual.astype(jnp.float32), mask)
-    loss = aggregate(
-        per_token, mask, agg_mode, total_tokens=total_tokens, total_seqs=total_seqs
-    )
+    loss = aggregate(per_token, mask, agg_mode, total_tokens=total_tokens, total_seqs=total_seqs)
     f32 = lambda b: b.astype(jnp.float32)
     metrics.update(
         pg_loss=loss,
@@ -163,9 +161,7 @@ def value_loss(
     if clip_eps is not None:
         v_clipped = v_old + jnp.clip(v - v_old, -clip_eps, clip_eps)
         err_clipped = jnp.square(v_clipped - ret)
-        metrics["value_clip_fraction"] = _token_mean(
-            (err_clipped > err).astype(jnp.float32), mask
-        )
+        metrics["value_clip_fraction"] = _token_mean((err_clipped > err).astype(jnp.float32), mask)
         err = jnp.maximum(err, err_clipped)
     loss = 0.5 * aggregate(err, mask, agg_mode, total_tokens=total_tokens, total_seqs=total_seqs)
     metrics.update(

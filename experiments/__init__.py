@@ -1,0 +1,1 @@
+"""Sweeps (lambda ablations) and the miniature reproduction of the paper's study."""

@@ -1,0 +1,128 @@
+"""Configs: every variant validates; each bad field gets an error naming it; CLI overrides."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import common, ppo, vcppo
+from vcppo_jax.config_validation import ConfigError, validate_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("module", [vcppo, ppo])
+@pytest.mark.parametrize("variant", common.VARIANTS)
+def test_every_variant_is_valid(module, variant):
+    c = module.get_config(variant)
+    assert validate_config(c) is c
+    assert c.variant == variant
+
+
+def test_paper_settings():
+    v, p = vcppo.get_config("tiny"), ppo.get_config("tiny")
+    assert (v.gae.lambda_actor, v.gae.lambda_critic) == (0.95, 1.0)
+    assert v.critic.init == "value_pretrain" and v.value_pretrain.enabled
+    assert (p.gae.lambda_actor, p.gae.lambda_critic) == (0.95, 0.95)
+    assert p.critic.init == "reward_model" and not p.value_pretrain.enabled
+    assert v.gae.gamma == 1.0 and v.ppo.eps_low == 0.2
+    # Apart from the studied flags, the baseline and VC-PPO are the same experiment.
+    a, b = v.to_dict(), p.to_dict()
+    for d in (a, b):
+        d.pop("experiment")
+        d["gae"].pop("lambda_critic")
+        d["critic"].pop("init")
+        d["value_pretrain"].pop("enabled")
+    assert a == b
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="unknown config variant 'huge'"):
+        vcppo.get_config("huge")
+
+
+BAD_FIELDS = [
+    ("gae.lambda_actor", 1.5, "gae.lambda_actor=1.5: expected a number in [0, 1]"),
+    ("gae.lambda_critic", -0.1, "gae.lambda_critic=-0.1"),
+    ("gae.gamma", float("nan"), "gae.gamma=nan"),
+    ("gae.length_adaptive_alpha", -0.05, "gae.length_adaptive_alpha=-0.05"),
+    ("ppo.eps_high", 0.1, "ppo.eps_high=0.1: must be >= ppo.eps_low=0.2"),
+    ("ppo.loss_agg_mode", "sum", "ppo.loss_agg_mode='sum': expected one of"),
+    ("ppo.minibatches", 5, "ppo.minibatches=5: must divide the rollout batch"),
+    ("ppo.dual_clip", 0.5, "ppo.dual_clip=0.5"),
+    ("ppo.kl_estimator", "k9", "ppo.kl_estimator='k9'"),
+    ("ppo.epochs", 0, "ppo.epochs=0: expected an integer >= 1"),
+    ("critic.init", "random", "critic.init='random'"),
+    ("actor.learning_rate", 0.0, "actor.learning_rate=0.0"),
+    ("rollout.top_p", 0.0, "rollout.top_p=0.0"),
+    ("model.num_kv_heads", 3, "model.num_kv_heads=3: must divide model.num_heads=4"),
+    ("mesh.data", 0, "mesh.data=0"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", BAD_FIELDS)
+def test_each_bad_field_is_named(path, value, message):
+    c = vcppo.get_config("tiny")
+    node = c
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    with node.ignore_type():
+        node[leaf] = value
+    with pytest.raises(ConfigError) as info:
+        validate_config(c)
+    assert message in str(info.value)
+    assert len(info.value.problems) == 1, info.value.problems
+
+
+def test_all_problems_reported_at_once():
+    c = vcppo.get_config("tiny")
+    c.gae.lambda_actor = 2.0
+    c.ppo.eps_high = 0.1
+    c.value_pretrain.enabled = False  # critic.init is still 'value_pretrain'.
+    with pytest.raises(ConfigError) as info:
+        validate_config(c)
+    assert len(info.value.problems) == 3
+    assert "value_pretrain.enabled=True" in str(info.value)
+
+
+def test_missing_field():
+    c = copy.deepcopy(vcppo.get_config("tiny"))
+    del c.gae["lambda_critic"]
+    with pytest.raises(ConfigError, match="gae.lambda_critic: missing"):
+        validate_config(c)
+
+
+def run_main(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "vcppo_jax.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_overrides_parse_validate_and_print():
+    out = run_main(
+        "--config=configs/vcppo.py:tiny",
+        "--config.gae.lambda_actor=0.99",
+        "--config.gae.length_adaptive_alpha=0.05",
+        "--validate_only",
+    )
+    assert out.returncode == 0, out.stderr
+    resolved = json.loads(out.stdout)
+    assert resolved["gae"]["lambda_actor"] == 0.99
+    assert resolved["gae"]["length_adaptive_alpha"] == 0.05
+    assert resolved["variant"] == "tiny"
+
+
+def test_cli_rejects_bad_value_with_field_name():
+    out = run_main(
+        "--config=configs/ppo.py:smoke", "--config.gae.lambda_actor=1.2", "--validate_only"
+    )
+    assert out.returncode == 2
+    assert "gae.lambda_actor=1.2" in out.stderr
