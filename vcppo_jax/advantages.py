@@ -149,6 +149,9 @@ def _recurrence_matmul(x: jax.Array, coef: jax.Array) -> jax.Array:
     next_start = jnp.concatenate([starts[:, 1:], jnp.zeros((n, 1), dtype)], axis=1)
     tail_power = (chunk - jnp.arange(chunk)).astype(dtype)
     tail = jnp.asarray(coef)[..., None] ** tail_power  # coef^(C - i): [C] or [N, C]
+    # Materialise the small arrays: fused into the element-wise join below, their pads,
+    # slices and powers would be recomputed for every element, unvectorised.
+    next_start, tail = jax.lax.optimization_barrier((next_start, tail))
     y = local + tail[..., None, :] * next_start[..., None]
     return y.reshape(n, k * chunk)[:, :t]
 

@@ -1,0 +1,128 @@
+"""Llama / Qwen2 decoders: the actor (LM head) and the critic (value head).
+
+Parameters are plain pytrees (the Linen ``params`` collection, unboxed). Entry points:
+
+* ``forward(config, params, tokens) -> logits [B, T, V]`` (float32, positions 0..T-1, causal).
+* ``token_logprobs(config, params, tokens)``: log-probabilities of the given tokens, computed in
+  chunks over the sequence so that ``[B, T, V]`` logits never exist at once.
+* ``values(config, params, tokens) -> [B, T]`` for a critic's parameters.
+* ``init_params(config, rng, head="lm" | "value")``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vcppo_jax.models.config import ModelConfig
+from vcppo_jax.models.transformer import Transformer
+
+__all__ = [
+    "ModelConfig",
+    "Transformer",
+    "forward",
+    "init_params",
+    "token_logprobs",
+    "values",
+    "abstract_params",
+]
+
+
+def _model(config: ModelConfig, head: str) -> Transformer:
+    return Transformer(config, head=head)
+
+
+def _init_boxed(config: ModelConfig, rng: jax.Array, head: str):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return _model(config, head).init(rng, tokens)["params"]
+
+
+def init_params(config: ModelConfig, rng: jax.Array, head: str = "lm"):
+    """Random parameters (normal(0.02) weights; a zero value head)."""
+    return nn.meta.unbox(_init_boxed(config, rng, head))
+
+
+def abstract_params(config: ModelConfig, head: str = "lm"):
+    """Shapes and logical axis names, without allocating: (ShapeDtypeStruct tree, names tree)."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, config, head=head), jax.random.key(0))
+    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(config: ModelConfig, params, tokens: jax.Array) -> jax.Array:
+    """Logits ``[B, T, V]`` in float32 for ``tokens [B, T]`` at positions 0..T-1 (causal)."""
+    model = _model(config, "lm")
+    hidden, _ = model.apply({"params": params}, tokens)
+    return model.apply({"params": params}, hidden, method=Transformer.logits)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def values(config: ModelConfig, params, tokens: jax.Array) -> jax.Array:
+    """Critic values ``[B, T]`` (float32); ``values[:, t]`` scores ``tokens[:, :t+1]``."""
+    out, _ = _model(config, "value").apply({"params": params}, tokens)
+    return out
+
+
+def _chunked_logprobs(config, params, hidden, targets, temperature, chunk_size, with_entropy):
+    """hidden [B, T, E], targets [B, T] -> log p(targets) [B, T] (and entropy [B, T])."""
+    b, t, e = hidden.shape
+    chunk = min(chunk_size, t)
+    pad = (-t) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = hidden.shape[1] // chunk
+    h_chunks = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # [N, B, C, E]
+    t_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    model = _model(config, "lm")
+
+    @jax.checkpoint  # Backward recomputes each chunk's logits instead of storing them.
+    def one(h, tgt):
+        logits = model.apply({"params": params}, h, method=Transformer.logits)  # [B, C, V]
+        logits = logits / temperature
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        logp = picked - logz
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        probs = jnp.exp(logits - logz[..., None])
+        ent = logz - jnp.sum(probs * logits, axis=-1)
+        return logp, ent
+
+    logp, ent = jax.lax.map(lambda xs: one(*xs), (h_chunks, t_chunks))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    return unchunk(logp), unchunk(ent)
+
+
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size", "with_entropy"))
+def token_logprobs(
+    config: ModelConfig,
+    params,
+    tokens: jax.Array,
+    *,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = 512,
+    with_entropy: bool = False,
+):
+    """Log-probabilities of each token given the ones before it.
+
+    Returns ``logp [B, T]`` with ``logp[:, t] = log p(tokens[:, t] | tokens[:, :t])`` for
+    ``t >= 1`` and ``logp[:, 0] = 0``; with ``with_entropy``, also the entropy of the
+    next-token distribution at each of those positions. Logits are divided by
+    ``temperature`` (as the sampler does) and formed ``chunk_size`` positions at a time.
+    """
+    model = _model(config, "lm")
+    hidden, _ = model.apply({"params": params}, tokens)  # [B, T, E]
+    # Position t - 1 predicts token t.
+    temperature = jnp.asarray(temperature, jnp.float32)
+    logp, ent = _chunked_logprobs(
+        config, params, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size, with_entropy
+    )
+    zero = jnp.zeros((tokens.shape[0], 1), jnp.float32)
+    logp = jnp.concatenate([zero, logp], axis=1)
+    if with_entropy:
+        return logp, jnp.concatenate([zero, ent], axis=1)
+    return logp

@@ -1,0 +1,87 @@
+"""Architecture description shared by the decoder, the HF importer and the sampler."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama (2, 3.x) or Qwen2 / Qwen2.5 decoder.
+
+    Frozen and hashable, so it can be a static argument of jitted functions.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # Default hidden_size // num_heads.
+    rope_theta: float = 10000.0
+    # Llama 3 scaling as a tuple of (key, value) pairs (hashable), e.g.
+    # (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+    #  ("original_max_position_embeddings", 8192), ("rope_type", "llama3")).
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q, k and v projections.
+    max_position_embeddings: int = 4096
+    model_type: str = "llama"
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # Compute dtype of activations; logits are always float32.
+    remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmuls).
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; supported: "
+                f"{SUPPORTED_MODEL_TYPES}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
+            )
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {list(_DTYPES)}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ValueError(f"remat={self.remat!r}; expected 'none', 'full' or 'dots'")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def jnp_param_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def jnp_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,275 @@
+"""Flax Linen decoder for the Llama and Qwen2 families, with an LM head (actor) or a scalar value
+head (critic).
+
+Layout conventions (HF names in brackets):
+  embed/embedding [V, E]                    (model.embed_tokens.weight)
+  layers_i/attn/{q,k,v}_proj/kernel [E, H, D], bias [H, D]   (self_attn.{q,k,v}_proj)
+  layers_i/attn/o_proj/kernel [H, D, E]     (self_attn.o_proj.weight)
+  layers_i/mlp/{gate,up}_proj/kernel [E, F], down_proj/kernel [F, E]
+  layers_i/{input,post_attention}_norm/scale [E], final_norm/scale [E]
+  lm_head/kernel [E, V] (absent when embeddings are tied), value_head/{kernel [E, 1], bias [1]}
+
+Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
+``head_dim``, ``mlp``); ``vcppo_jax.sharding`` maps them onto mesh axes.
+
+A KV cache is a dict ``{"layers_i": {"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}}``. Tokens are
+laid out per row from slot 0 (prompt, then response), so a token's position is its cache slot
+and attention is causal over slots: query at position p sees slots 0..p. That makes prompts of
+different lengths need no separate padding mask: slots past a row's length are never visible
+to that row's real tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vcppo_jax.models.config import ModelConfig
+
+Cache = dict[str, dict[str, jax.Array]]
+
+
+def _init(axes: tuple[str, ...], scale: float = 0.02):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=scale), axes)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies [D / 2], with Llama 3 scaling when the config asks for it."""
+    d = config.head_size
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    scaling = config.rope_scaling_dict
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"rope scaling type {kind!r} is not supported; supported: 'llama3'")
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, half-split layout (as HF Llama / Qwen2). x: [B, T, H, D]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before multiplying by the weight.
+        return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache=None):
+        cfg = self.config
+        h, kvh, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.hidden_size
+        dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
+
+        def proj(name, heads, axis):
+            return nn.DenseGeneral(
+                (heads, d),
+                use_bias=cfg.qkv_bias,
+                dtype=dt,
+                param_dtype=pdt,
+                name=name,
+                kernel_init=_init(("embed", axis, "head_dim")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis, "head_dim")),
+            )(x)
+
+        q = proj("q_proj", h, "heads")  # [B, T, H, D]
+        k = proj("k_proj", kvh, "kv_heads")
+        v = proj("v_proj", kvh, "kv_heads")
+        inv_freq = rope_frequencies(cfg)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        if cache is not None:
+            b = x.shape[0]
+            rows = jnp.arange(b)[:, None]
+            k_all = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype))
+            v_all = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
+            new_cache = {"k": k_all, "v": v_all}
+            key_pos = jnp.arange(k_all.shape[1])[None, :]  # Slot index = position.
+        else:
+            k_all, v_all, new_cache = k, v, None
+            key_pos = positions
+        # Causal over positions: query at p sees keys at positions <= p.
+        mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
+
+        groups = h // kvh
+        qg = q.reshape(q.shape[:2] + (kvh, groups, d))
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", qg, k_all.astype(dt), preferred_element_type=jnp.float32
+        ) / math.sqrt(d)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(dt))
+        out = out.reshape(out.shape[:2] + (h, d))
+        out = nn.DenseGeneral(
+            e,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=dt,
+            param_dtype=pdt,
+            name="o_proj",
+            kernel_init=_init(("heads", "head_dim", "embed")),
+        )(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda f, axes, name: nn.Dense(
+            f,
+            use_bias=False,
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            name=name,
+            kernel_init=_init(axes),
+        )
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, cache=None):
+        cfg = self.config
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
+        attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, cache)
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Decoder(nn.Module):
+    """Backbone: embeddings, blocks, final norm -> hidden states [B, T, E]."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: Cache | None = None):
+        cfg = self.config
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            embedding_init=_init(("vocab", "embed")),
+            name="embed",
+        )
+        x = embed(tokens)
+        block = Block
+        if cfg.remat != "none" and cache is None:
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=())
+        new_cache = {} if cache is not None else None
+        for i in range(cfg.num_layers):
+            name = f"layers_{i}"
+            x, layer_cache = block(cfg, name=name)(
+                x, positions, None if cache is None else cache[name]
+            )
+            if cache is not None:
+                new_cache[name] = layer_cache
+        x = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="final_norm")(x)
+        return x, new_cache, embed
+
+
+class Transformer(nn.Module):
+    """``head="lm"``: the actor, returns hidden states and an ``lm_head`` projection;
+    ``head="value"``: the critic, returns values [B, T] (float32)."""
+
+    config: ModelConfig
+    head: str = "lm"
+
+    def setup(self):
+        cfg = self.config
+        self.decoder = Decoder(cfg)
+        if self.head == "lm" and not cfg.tie_word_embeddings:
+            self.lm_head = self.param(
+                "lm_head",
+                _init(("embed", "vocab")),
+                (cfg.hidden_size, cfg.vocab_size),
+                cfg.jnp_param_dtype,
+            )
+        elif self.head == "value":
+            self.value_head = nn.Dense(
+                1,
+                dtype=jnp.float32,
+                param_dtype=cfg.jnp_param_dtype,
+                name="value_head",
+                kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            )
+        elif self.head != "lm":
+            raise ValueError(f"head must be 'lm' or 'value'; got {self.head!r}")
+
+    def __call__(self, tokens, positions=None, cache=None):
+        """Returns (hidden [B, T, E], new_cache) for the actor, (values [B, T], new_cache) for
+        the critic. Logits come from ``logits(hidden)`` so callers can chunk them."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        hidden, new_cache, _ = self.decoder(tokens, positions, cache)
+        if self.head == "value":
+            return self.value_head(hidden.astype(jnp.float32))[..., 0], new_cache
+        return hidden, new_cache
+
+    def logits(self, hidden):
+        """[..., E] -> float32 logits [..., V]."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            embedding = self.decoder.variables["params"]["embed"]["embedding"]
+            kernel = nn.meta.unbox(embedding).T
+        else:
+            kernel = self.lm_head
+        return jnp.einsum(
+            "...e,ev->...v",
+            hidden,
+            kernel.astype(hidden.dtype),
+            preferred_element_type=jnp.float32,
+        )
