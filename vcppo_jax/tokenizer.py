@@ -82,7 +82,8 @@ class Tokenizer:
         return out, lengths
 
     def decode_batch(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
-        return [self.decode(np.asarray(t)[np.asarray(m) > 0]) for t, m in zip(tokens, mask)]
+        pairs = zip(tokens, mask, strict=True)
+        return [self.decode(np.asarray(t)[np.asarray(m) > 0]) for t, m in pairs]
 
 
 class SentencePieceTokenizer(Tokenizer):
