@@ -9,6 +9,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from vcppo_jax import sharding
+
 VARIANTS = ("smoke", "tiny", "small", "qwen2.5-32b")
 
 
@@ -33,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_layers = 3
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
-    c.model.mlp_dim = 256
+    c.model.intermediate_size = 256
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = "none"
@@ -112,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    # Logical axis name -> mesh axes (None = replicated); see vcppo_jax/sharding.py.
+    c.mesh.rules = sharding.DEFAULT_RULES
     c.distributed = False  # Call jax.distributed.initialize() (multi-host).
     return c
 
@@ -120,7 +124,9 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
     """Sizes for each named variant; the science fields are left alone."""
     c.variant = variant
     if variant == "smoke":  # Every stage for a few steps: the end-to-end tests.
-        c.model.update(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, mlp_dim=64)
+        c.model.update(
+            hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64
+        )
         c.rollout.update(prompts_per_step=8, max_new_tokens=48)
         c.ppo.update(steps=3, minibatches=2)
         c.value_pretrain.steps = 3
@@ -142,7 +148,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
             num_layers=8,
             num_heads=8,
             num_kv_heads=4,
-            mlp_dim=1536,
+            intermediate_size=1536,
             dtype="bfloat16",
         )
         c.rollout.update(prompts_per_step=128, samples_per_prompt=4, max_new_tokens=512)

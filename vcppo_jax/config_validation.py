@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
+from vcppo_jax.sharding import MESH_AXES
 
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
 ESTIMATORS = ("gae", "grpo")
@@ -171,7 +172,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         "num_layers",
         "num_heads",
         "num_kv_heads",
-        "mlp_dim",
+        "intermediate_size",
     ):
         check(f"model.{field}", positive_int, "an integer >= 1")
     heads, kv = _get(config, "model.num_heads"), _get(config, "model.num_kv_heads")
@@ -199,6 +200,19 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         mesh_sizes.append(size)
     if mesh_sizes.count(-1) > 1:
         problems.append(f"mesh: at most one axis may be -1; got {mesh_sizes}")
+    rules = _get(config, "mesh.rules")
+    if rules is _MISSING:
+        problems.append("mesh.rules: missing (expected (logical name, mesh axes) pairs)")
+    else:
+        for rule in rules:
+            ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            axes = rule[1] if ok else None
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            if not ok or any(a not in MESH_AXES for a in axes):
+                problems.append(
+                    f"mesh.rules: bad rule {rule!r}; expected (logical name, None | mesh axis | "
+                    f"tuple of mesh axes) with mesh axes from {MESH_AXES}"
+                )
 
     if problems:
         raise ConfigError(problems)

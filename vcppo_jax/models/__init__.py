@@ -66,6 +66,16 @@ def values(config: ModelConfig, params, tokens: jax.Array) -> jax.Array:
     return out
 
 
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(batch: int, vocab: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
+    """Largest power of two (>= 16) of positions whose [batch, chunk, vocab] float32 logits fit
+    in ``budget`` bytes."""
+    fit = max(1, budget // (4 * batch * vocab))
+    return max(16, 1 << (fit.bit_length() - 1))
+
+
 def _chunked_logprobs(config, params, hidden, targets, temperature, chunk_size, with_entropy):
     """hidden [B, T, E], targets [B, T] -> log p(targets) [B, T] (and entropy [B, T])."""
     b, t, e = hidden.shape
@@ -104,7 +114,7 @@ def token_logprobs(
     tokens: jax.Array,
     *,
     temperature: float | jax.Array = 1.0,
-    chunk_size: int = 512,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ):
     """Log-probabilities of each token given the ones before it.
@@ -112,10 +122,13 @@ def token_logprobs(
     Returns ``logp [B, T]`` with ``logp[:, t] = log p(tokens[:, t] | tokens[:, :t])`` for
     ``t >= 1`` and ``logp[:, 0] = 0``; with ``with_entropy``, also the entropy of the
     next-token distribution at each of those positions. Logits are divided by
-    ``temperature`` (as the sampler does) and formed ``chunk_size`` positions at a time.
+    ``temperature`` (as the sampler does) and formed ``chunk_size`` positions at a time
+    (default: as many as keep one chunk's float32 logits under ``LOGITS_CHUNK_BYTES``).
     """
     model = _model(config, "lm")
     hidden, _ = model.apply({"params": params}, tokens)  # [B, T, E]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(tokens.shape[0], config.vocab_size)
     # Position t - 1 predicts token t.
     temperature = jnp.asarray(temperature, jnp.float32)
     logp, ent = _chunked_logprobs(

@@ -1,0 +1,198 @@
+"""Sampling throughput beside transformers' ``generate``, and log-prob memory, in one run.
+
+    python -m benchmarks.sampling [--batch 32] [--prompt 64] [--new 256] [--skip_torch]
+
+1. Generated tokens per second for a ~100M-parameter Qwen2-shaped model with random weights
+   (hidden 768, 12 layers, 12 heads / 2 KV heads, MLP 2048, vocabulary 32768, tied
+   embeddings), float32, greedy, every row generating exactly ``--new`` tokens (no EOS).
+   Peer: transformers ``generate`` (PyTorch CPU, KV cache, ``do_sample=False``) on the same
+   weights, exported with ``hf.save_checkpoint`` and loaded with ``from_pretrained``. The
+   first tokens of both are compared, so the two runs do the same work.
+2. Peak memory of the log-prob head (hidden states -> log p of given tokens) at ``[8, 4096]``
+   with a 151,936-token vocabulary (Qwen2.5) and hidden size 896: chunked (as
+   ``token_logprobs`` does, default chunk size) against materialising the whole logits
+   tensor, from XLA's compiled memory analysis (compiled, not run: unchunked needs ~20 GB).
+
+Writes ``benchmarks/results/sampling_<backend>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vcppo_jax import models, sampling
+from vcppo_jax.models import ModelConfig, hf
+
+BENCH_MODEL = ModelConfig(
+    vocab_size=32768,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_layers=12,
+    num_heads=12,
+    num_kv_heads=2,
+    qkv_bias=True,
+    tie_word_embeddings=True,
+    model_type="qwen2",
+    rope_theta=1e6,
+    max_position_embeddings=4096,
+)
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def bench_jax(config, params, prompts, lengths, new_tokens, repeats):
+    sp = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    out = sampling.generate(config, params, prompts, lengths, sp, jax.random.key(0))  # Compile.
+    jax.block_until_ready(out.response_tokens)
+    times = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        out = sampling.generate(config, params, prompts, lengths, sp, jax.random.key(i))
+        jax.block_until_ready(out.response_tokens)
+        times.append(time.perf_counter() - t0)
+    return min(times), np.asarray(out.response_tokens)
+
+
+def bench_torch(path, prompts, new_tokens, repeats):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor(prompts, dtype=torch.long)
+    kw = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+    )
+    with torch.no_grad():
+        model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # Warm-up.
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            times.append(time.perf_counter() - t0)
+    return min(times), out[:, ids.shape[1] :].numpy()
+
+
+def logprob_memory(batch=8, length=4096, vocab=151936, hidden=896):
+    """Peak memory of the log-prob head (final hidden states -> log p of the given tokens),
+    the part that chunking changes; the backbone's own activations are the same either way."""
+    from vcppo_jax.models import _chunked_logprobs
+
+    config = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+    )
+    params = jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
+    h = jax.ShapeDtypeStruct((batch, length, hidden), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    model = models.Transformer(config)
+    chunk = models.auto_chunk_size(batch, vocab)
+
+    def unchunked(p, h, t):
+        logits = model.apply({"params": p}, h, method=models.Transformer.logits)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
+
+    def chunked(p, h, t):
+        return _chunked_logprobs(config, p, h, t, 1.0, chunk, False)[0]
+
+    out = {"chunk_size": chunk}
+    for name, fn in (("unchunked", unchunked), ("chunked", chunked)):
+        for mode in ("forward", "forward+backward"):
+            if mode == "forward":
+                f = fn
+            else:
+                f = jax.grad(lambda p, h, t, fn=fn: jnp.sum(fn(p, h, t)), argnums=(0, 1))
+            mem = jax.jit(f).lower(params, h, tokens).compile().memory_analysis()
+            out[f"{name} {mode}"] = int(mem.temp_size_in_bytes + mem.output_size_in_bytes)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    config = BENCH_MODEL
+    params = models.init_params(config, jax.random.key(0))
+    n_params = count_params(params)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, config.vocab_size, size=(args.batch, args.prompt)).astype(np.int32)
+    lengths = np.full((args.batch,), args.prompt, np.int32)
+    generated = args.batch * args.new
+    report = {
+        "backend": jax.default_backend(),
+        "cpu_count": os.cpu_count(),
+        "params": n_params,
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "new": args.new,
+    }
+    print(
+        f"model: {n_params / 1e6:.1f}M parameters; batch {args.batch}, prompt {args.prompt}, "
+        f"{args.new} new tokens",
+        flush=True,
+    )
+
+    t_jax, toks_jax = bench_jax(config, params, prompts, lengths, args.new, args.repeats)
+    report["vcppo_jax_tokens_per_s"] = generated / t_jax
+    print(
+        f"  vcppo_jax sampler:      {generated / t_jax:8.1f} tokens/s ({t_jax:.1f} s)", flush=True
+    )
+    if not args.skip_torch:
+        with tempfile.TemporaryDirectory() as d:
+            hf.save_checkpoint(d, config, params)
+            t_torch, toks_torch = bench_torch(d, prompts, args.new, args.repeats)
+        report["transformers_tokens_per_s"] = generated / t_torch
+        report["speedup"] = t_torch / t_jax
+        agree = int(
+            np.argmin(np.concatenate([(toks_jax == toks_torch).all(0), [False]]))
+        )  # First column that differs.
+        report["identical_leading_tokens"] = agree
+        print(f"  transformers generate:  {generated / t_torch:8.1f} tokens/s ({t_torch:.1f} s)")
+        print(
+            f"  speed-up: {t_torch / t_jax:.2f}x; greedy tokens identical for the first "
+            f"{agree} positions of every row"
+        )
+
+    mem = logprob_memory()
+    report["logprob_peak_bytes"] = mem
+    print("log-prob memory at [8, 4096], vocab 151,936 (XLA compiled temp + output):")
+    print(f"  chunk size {mem['chunk_size']} positions")
+    for k, v in mem.items():
+        if k != "chunk_size":
+            print(f"  {k:28s} {v / 2**30:8.2f} GiB")
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"sampling_{jax.default_backend()}.json"
+    )
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
