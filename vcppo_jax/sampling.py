@@ -52,7 +52,7 @@ class SamplingParams:
 @flax.struct.dataclass
 class DecodeState:
     tokens: jax.Array  # [B, S] int32: prompt then response, per row from slot 0.
-    cache: dict  # Per layer {"k", "v"}: [B, S, Hkv, D].
+    cache: dict  # Per layer {"k", "v"}: [B, Hkv, S, D].
     next_logits: jax.Array  # [B, V] float32: logits for the token at `cur`.
     cur: jax.Array  # [B] int32: slot of the next token.
     done: jax.Array  # [B] bool.
@@ -92,21 +92,30 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return logits
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """First index of the maximum along the last axis. Two plain reductions: on CPU this is
+    several times faster than the (value, index) pair reduction behind jnp.argmax."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+
+
 def _choose(logits, rng, params: SamplingParams):
     """-> (token [B], log-prob under the sampling distribution [B])."""
-    filtered = filter_logits(logits, params)
-    logp_all = jax.nn.log_softmax(filtered, axis=-1)
     if params.temperature == 0:
-        token = jnp.argmax(logits, axis=-1)
-        logp_all = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logits = logits.astype(jnp.float32)
+        token = _argmax(logits)
+        logp_all = jax.nn.log_softmax(logits, axis=-1)
     else:
+        filtered = filter_logits(logits, params)
         token = jax.random.categorical(rng, filtered, axis=-1)
+        logp_all = jax.nn.log_softmax(filtered, axis=-1)
     logp = jnp.take_along_axis(logp_all, token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logp
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
-    shape = (batch, length, config.num_kv_heads, config.head_size)
+    shape = (batch, config.num_kv_heads, length, config.head_size)
     zeros = lambda: jnp.zeros(shape, config.jnp_dtype)
     return {f"layers_{i}": {"k": zeros(), "v": zeros()} for i in range(config.num_layers)}
 

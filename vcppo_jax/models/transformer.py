@@ -12,7 +12,7 @@ Layout conventions (HF names in brackets):
 Every parameter carries logical axis names (``vocab``, ``embed``, ``heads``, ``kv_heads``,
 ``head_dim``, ``mlp``); ``vcppo_jax.sharding`` maps them onto mesh axes.
 
-A KV cache is a dict ``{"layers_i": {"k": [B, S, Hkv, D], "v": [B, S, Hkv, D]}}``. Tokens are
+A KV cache is a dict ``{"layers_i": {"k": [B, Hkv, S, D], "v": [B, Hkv, S, D]}}``. Tokens are
 laid out per row from slot 0 (prompt, then response), so a token's position is its cache slot
 and attention is causal over slots: query at position p sees slots 0..p. That makes prompts of
 different lengths need no separate padding mask: slots past a row's length are never visible
@@ -116,26 +116,37 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, inv_freq)
 
         if cache is not None:
-            b = x.shape[0]
-            rows = jnp.arange(b)[:, None]
-            k_all = cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype))
-            v_all = cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype))
+            # Cache layout [B, Hkv, S, D]: attention reads it without a transpose each step.
+            rows = jnp.arange(x.shape[0])[:, None]
+            k_all = cache["k"].at[rows, :, positions].set(k.astype(cache["k"].dtype))
+            v_all = cache["v"].at[rows, :, positions].set(v.astype(cache["v"].dtype))
             new_cache = {"k": k_all, "v": v_all}
-            key_pos = jnp.arange(k_all.shape[1])[None, :]  # Slot index = position.
+            key_pos = jnp.arange(k_all.shape[2])[None, :]  # Slot index = position.
+            kv_spec = "bksd"
         else:
             k_all, v_all, new_cache = k, v, None
             key_pos = positions
+            kv_spec = "bskd"
         # Causal over positions: query at p sees keys at positions <= p.
         mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
 
         groups = h // kvh
         qg = q.reshape(q.shape[:2] + (kvh, groups, d))
         scores = jnp.einsum(
-            "btkgd,bskd->bkgts", qg, k_all.astype(dt), preferred_element_type=jnp.float32
+            f"btkgd,{kv_spec}->bkgts", qg, k_all.astype(dt), preferred_element_type=jnp.float32
         ) / math.sqrt(d)
         scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_all.astype(dt))
+        if cache is not None and x.shape[1] == 1:
+            # One query per row (decode): a broadcast multiply and a sum over slots reads the
+            # cache once; XLA's CPU dot for these many tiny matrices is several times slower.
+            out = jnp.sum(
+                probs[:, :, :, 0, :, None].astype(jnp.float32)
+                * v_all[:, :, None].astype(jnp.float32),
+                axis=-2,
+            )[:, None].astype(dt)  # [B, 1, Hkv, G, D]
+        else:
+            out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v_all.astype(dt))
         out = out.reshape(out.shape[:2] + (h, d))
         out = nn.DenseGeneral(
             e,
