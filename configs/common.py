@@ -40,6 +40,27 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.remat = "none"
 
+    # Data: the synthetic long chain-of-thought task (vcppo_jax/data/synthetic.py).
+    c.data = ml_collections.ConfigDict()
+    c.data.task = "addition"
+    c.data.num_terms = 5  # Chain length: partial sums written in a full solution.
+    c.data.digits = 2  # Difficulty of each step.
+    c.data.direct_fraction = 0.3  # Share of SFT demonstrations that take the short route.
+    c.data.tokenizer_vocab_size = 48
+
+    # Supervised fine-tuning of the policy (skipped when model.hf_path is set).
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 300
+    c.sft.batch_size = 64
+    c.sft.learning_rate = 1e-3
+
+    # Reward model (the critic's initialisation in the paper's failing baseline): a value-head
+    # model trained on balanced right / wrong responses, scored at the last token only.
+    c.reward_model = ml_collections.ConfigDict()
+    c.reward_model.steps = 150
+    c.reward_model.batch_size = 64
+    c.reward_model.learning_rate = 1e-3
+
     # Rollouts.
     c.rollout = ml_collections.ConfigDict()
     c.rollout.prompts_per_step = 32
@@ -106,8 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 10
     c.eval.num_prompts = 128
+    c.eval.num_samples = 4  # Sampled answers per prompt: sampled accuracy and pass@k.
     c.log_every_steps = 1
     c.checkpoint_every_steps = 10
+    # Stop (with a checkpoint) after this many steps in this invocation; None = run to the end.
+    # For time-sliced jobs: start the same command again to continue.
+    c.stop_after_steps = config_dict.placeholder(int)
 
     # Device mesh: axis sizes, -1 fills the remaining devices.
     c.mesh = ml_collections.ConfigDict()
@@ -127,10 +152,13 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.model.update(
             hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64
         )
-        c.rollout.update(prompts_per_step=8, max_new_tokens=48)
+        c.data.update(num_terms=3, digits=1)
+        c.rollout.update(prompts_per_step=8, max_new_tokens=32)
         c.ppo.update(steps=3, minibatches=2)
+        c.sft.update(steps=6, batch_size=16)
+        c.reward_model.update(steps=3, batch_size=16)
         c.value_pretrain.steps = 3
-        c.eval.update(every_steps=3, num_prompts=16)
+        c.eval.update(every_steps=3, num_prompts=8, num_samples=2)
         c.checkpoint_every_steps = 2
         c.actor.learning_rate = 1e-4
         c.critic.learning_rate = 1e-4

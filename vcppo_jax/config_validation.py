@@ -165,6 +165,18 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             "critic.init='reward_model' or 'policy')"
         )
 
+    # Data and the supervised stages.
+    check("data.task", *one_of(("addition",)))
+    check("data.num_terms", lambda x: positive_int(x) and x >= 2, "an integer >= 2")
+    check("data.digits", lambda x: positive_int(x) and x <= 6, "an integer in [1, 6]")
+    check("data.direct_fraction", unit, "a number in [0, 1]")
+    check("data.tokenizer_vocab_size", lambda x: positive_int(x) and x >= 20, "an integer >= 20")
+    for stage in ("sft", "reward_model"):
+        check(f"{stage}.steps", non_negative_int, "an integer >= 0")
+        check(f"{stage}.batch_size", positive_int, "an integer >= 1")
+        check(f"{stage}.learning_rate", number_in(0.0, math.inf, lo_open=True), "a positive number")
+    check("eval.num_samples", positive_int, "an integer >= 1")
+
     # Model.
     for field in (
         "vocab_size",
@@ -190,6 +202,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     for field in ("eval.every_steps", "log_every_steps", "checkpoint_every_steps"):
         check(field, positive_int, "an integer >= 1")
     check("eval.num_prompts", positive_int, "an integer >= 1")
+    check("stop_after_steps", positive_int, "an integer >= 1 or None", optional=True)
     mesh_sizes = []
     for axis in ("data", "fsdp", "tensor"):
         size = check(

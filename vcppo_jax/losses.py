@@ -187,7 +187,9 @@ def explained_variance(pred: jax.Array, target: jax.Array, mask: jax.Array) -> j
     target = jnp.where(m > 0, target.astype(jnp.float32), 0.0)
     pred = jnp.where(m > 0, pred.astype(jnp.float32), 0.0)
     var_t = var(target)
-    return jnp.where(var_t > 0, 1.0 - var(target - pred) / jnp.where(var_t > 0, var_t, 1.0), 0.0)
+    # Targets that are constant up to float rounding have no variance to explain.
+    has_var = var_t > 1e-8 * (1.0 + jnp.square(jnp.sum(target * m) / count))
+    return jnp.where(has_var, 1.0 - var(target - pred) / jnp.where(has_var, var_t, 1.0), 0.0)
 
 
 def entropy_from_logits(logits: jax.Array) -> jax.Array:

@@ -2,13 +2,14 @@ r"""Entry point: ``python -m vcppo_jax.main --config=configs/vcppo.py:tiny --wor
 
 Every config field can be overridden, e.g. ``--config.gae.lambda_actor=0.99``. The config is
 validated before anything runs; ``--validate_only`` prints the resolved config and exits.
+Running again on the same ``--workdir`` resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vcppo_jax.config_validation import ConfigError, validate_config
@@ -25,6 +26,7 @@ _VALIDATE_ONLY = flags.DEFINE_bool(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/vcppo.py:tiny")
@@ -38,12 +40,9 @@ def main(argv: list[str]) -> None:
         return
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required to run an experiment")
-    print(
-        "error: this version validates configs only; the experiment runner is not in it yet "
-        "(use --validate_only)",
-        file=sys.stderr,
-    )
-    sys.exit(2)
+    from vcppo_jax import runner
+
+    runner.run(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""Orbax checkpoints of a whole experiment: model states, optimiser states, progress and RNG.
+
+A checkpoint holds ``state`` (a pytree of arrays: policy, critic, reference, reward model and
+their optimiser states, the RNG key data) and ``meta`` (JSON: stage, step within the stage,
+data position, and the config fingerprint). Saves are asynchronous; Orbax only ever lists
+checkpoints whose write has finished, so a half-written one is never restored: the previous
+complete one is. Restoring under a config whose fingerprint differs is refused with the list
+of differing fields.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> None:
+        json.dumps(meta)  # Fail here, not in a background thread, on unserialisable meta.
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
+
+    def restore(self, abstract_state, fingerprint: dict[str, Any], step: int | None = None):
+        """-> (state, meta) of the latest (or given) finished checkpoint, or None if none."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            return None
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+            "meta"
+        ]
+        diff = fingerprint_diff(meta.get("fingerprint", {}), fingerprint)
+        if diff:
+            raise CheckpointMismatchError(
+                f"the checkpoint at {self.directory} (step {step}) was written under a different "
+                "config:\n  " + "\n  ".join(diff) + "\nUse a new --workdir, or the old config."
+            )
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )
+        return restored["state"], meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,1 @@
+"""Prompt sources: the synthetic long chain-of-thought tasks and real math prompt sets."""

@@ -1,0 +1,100 @@
+"""Metrics: one JSON object per logged step in ``metrics.jsonl`` (what the plots read), the same
+scalars as TensorBoard events, and a progress line per step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _scalar(v: Any):
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    try:
+        f = float(np.asarray(v))
+    except (TypeError, ValueError):
+        return v
+    return f if math.isfinite(f) else str(f)
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, tensorboard: bool = True, process_index: int = 0):
+        self.enabled = process_index == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._file = open(self.path, "a")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {"step": int(step), "stage": stage, "time": time.time()}
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        if self.enabled:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            if self._tb is not None:
+                for k, v in row.items():
+                    if k not in ("step", "stage", "time") and isinstance(v, float):
+                        self._tb.add_scalar(f"{stage}/{k}", v, step)
+        return row
+
+    def rewrite(self, lines: list[str]) -> None:
+        """Replaces the file's rows (used when resuming), atomically."""
+        self._file.close()
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+
+    def close(self):
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    return rows
+
+
+class Progress:
+    """``[stage] step 12/60 | k=v ... | 3.1 s/step | ETA 2m30s`` on stderr."""
+
+    def __init__(self, stage: str, total: int, start: int = 0, every: int = 1):
+        self.stage, self.total, self.every = stage, total, every
+        self.t0, self.start = time.time(), start
+
+    def update(self, step: int, metrics: dict[str, Any], keys: tuple[str, ...]) -> None:
+        done = step + 1
+        if done % self.every and done != self.total:
+            return
+        per = (time.time() - self.t0) / max(done - self.start, 1)
+        eta = per * (self.total - done)
+        shown = " ".join(
+            f"{k.split('/')[-1]}={float(metrics[k]):.4g}" for k in keys if k in metrics
+        )
+        print(
+            f"[{self.stage}] step {done}/{self.total} | {shown} | {per:.2f} s/step | "
+            f"ETA {int(eta // 60)}m{int(eta % 60):02d}s",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,151 @@
+"""Answer extraction and verification -> a terminal reward on the last response token.
+
+Extraction tries, in order: the last ``\\boxed{...}``, the last ``Answer: ...`` line, the last
+number. Verification is exact (after normalising whitespace and numbers) for the synthetic tasks,
+and ``math-verify`` for LaTeX answers, run in a process pool with a per-answer timeout: a
+verifier that hangs or crashes scores as incorrect and is counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import re
+
+import numpy as np
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+def _last_boxed(text: str) -> str | None:
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j].strip()
+    return None  # Unbalanced: no answer.
+
+
+def extract_answer(text: str) -> str | None:
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    idx = text.rfind("Answer:")
+    if idx >= 0:
+        rest = text[idx + len("Answer:") :].strip().splitlines()
+        if rest and rest[0].strip():
+            return rest[0].strip().rstrip(".").strip()
+        return None
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def normalise(ans: str) -> str:
+    ans = ans.strip().replace(" ", "").replace(",", "")
+    try:
+        value = float(ans)
+        return str(int(value)) if value.is_integer() else str(value)
+    except ValueError:
+        return ans
+
+
+def exact_match(text: str, gold: str) -> bool:
+    pred = extract_answer(text)
+    return pred is not None and normalise(pred) == normalise(gold)
+
+
+def _math_verify_one(pred_text: str, gold: str) -> bool:
+    from math_verify import parse, verify
+
+    gold_expr = gold if "\\boxed" in gold or "$" in gold else f"\\boxed{{{gold}}}"
+    return bool(verify(parse(gold_expr), parse(pred_text)))
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    correct: np.ndarray  # [B] bool
+    timeouts: int
+    errors: int
+
+
+class MathVerifier:
+    """``math-verify`` in a pool of worker processes with a per-answer timeout."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0):
+        self.timeout_s = timeout_s
+        self.workers = workers
+        self._pool = None
+
+    def _get_pool(self):
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
+        return self._pool
+
+    def _reset(self):
+        if self._pool is not None:
+            for p in list(getattr(self._pool, "_processes", {}).values()):
+                p.kill()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __call__(self, texts: list[str], golds: list[str]) -> VerifyResult:
+        pool = self._get_pool()
+        futures = [pool.submit(_math_verify_one, t, g) for t, g in zip(texts, golds, strict=True)]
+        correct = np.zeros(len(texts), bool)
+        timeouts = errors = 0
+        hung = False
+        for i, fut in enumerate(futures):
+            try:
+                correct[i] = fut.result(timeout=self.timeout_s)
+            except cf.TimeoutError:
+                timeouts += 1
+                hung = True
+            except Exception:  # A crash in the verifier scores as incorrect.
+                errors += 1
+        if hung:  # A stuck worker would block later calls: start a fresh pool.
+            self._reset()
+        return VerifyResult(correct, timeouts, errors)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def terminal_rewards(
+    correct: np.ndarray,
+    response_mask: np.ndarray,
+    *,
+    correct_reward: float = 1.0,
+    incorrect_reward: float = -1.0,
+    max_length: int | None = None,
+    overlong_buffer: int = 0,
+    overlong_penalty: float = 1.0,
+) -> np.ndarray:
+    """``[B, T]`` float32 rewards: +1 / -1 on the last real token, 0 elsewhere.
+
+    DAPO's soft overlong penalty (``overlong_buffer`` > 0): responses longer than
+    ``max_length - overlong_buffer`` lose up to ``overlong_penalty`` linearly, reaching it at
+    ``max_length``. Rows with no response tokens get no reward.
+    """
+    mask = np.asarray(response_mask) > 0
+    lengths = mask.sum(axis=1)
+    score = np.where(np.asarray(correct), correct_reward, incorrect_reward).astype(np.float32)
+    if overlong_buffer > 0:
+        if max_length is None:
+            raise ValueError("overlong_buffer needs max_length")
+        start = max_length - overlong_buffer
+        over = np.clip((lengths - start) / overlong_buffer, 0.0, 1.0)
+        score = score - overlong_penalty * over.astype(np.float32)
+    rewards = np.zeros(mask.shape, np.float32)
+    rows = np.nonzero(lengths > 0)[0]
+    rewards[rows, lengths[rows] - 1] = score[rows]
+    return rewards

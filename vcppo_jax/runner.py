@@ -1,0 +1,722 @@
+"""The experiment: stages, loop, checkpoints, metrics. The only module that reads the config and
+the only one with Python loops over steps.
+
+Stages, each switched by the config, in order:
+  sft             supervised fine-tuning of the policy on task demonstrations
+  reward_model    a value-head model trained on EOS scores of right / wrong responses
+  value_pretrain  the critic regresses Monte Carlo returns of the fixed starting policy
+  ppo             rollouts -> rewards -> decoupled GAE -> critic and actor updates, with
+                  periodic evaluation on held-out prompts
+
+Every stage's randomness is ``fold_in(seed, stage, step)`` and its data are a function of
+``(seed, stage, step)``, so a run resumed from a checkpoint ends exactly like an uninterrupted
+one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from vcppo_jax import advantages as adv_lib
+from vcppo_jax import models, rewards, sampling, steps
+from vcppo_jax.checkpoint import Checkpointer
+from vcppo_jax.config_validation import validate_config
+from vcppo_jax.data.synthetic import AdditionTask, sft_examples
+from vcppo_jax.metrics import MetricsWriter, Progress
+from vcppo_jax.models import ModelConfig
+from vcppo_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+
+STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
+EVAL_SEED_OFFSET = 1_000_003  # Held-out prompts come from a disjoint seed stream.
+
+
+def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Config fields a checkpoint's contents depend on (shapes and the data stream)."""
+    keys = [
+        "seed",
+        "model.hidden_size",
+        "model.num_layers",
+        "model.num_heads",
+        "model.num_kv_heads",
+        "model.intermediate_size",
+        "model.param_dtype",
+        "model.hf_path",
+        "data.task",
+        "data.num_terms",
+        "data.digits",
+        "data.tokenizer_vocab_size",
+    ]
+    out = {}
+    for k in keys:
+        node = config
+        for part in k.split("."):
+            node = node[part]
+        out[k] = node
+    return out
+
+
+@dataclasses.dataclass
+class Batch:
+    """A set of sequences in sampler layout and their response-aligned views."""
+
+    tokens: jax.Array  # [B, L]
+    positions: jax.Array  # [B, N]
+    mask: jax.Array  # [B, N] float32
+    lengths: np.ndarray  # [B] response lengths
+    sampler_logprobs: jax.Array | None = None  # [B, N], from the sampler, when sampled
+
+
+def _copy(tree):
+    """A distinct copy: update steps donate their state, so no two states may share buffers."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _pad_rows(rows: list[list[int]], width: int, pad: int) -> np.ndarray:
+    out = np.full((len(rows), width), pad, np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r[:width]
+    return out
+
+
+class Experiment:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.workdir = workdir
+        self.task = AdditionTask(config.data.num_terms, config.data.digits)
+        self.tokenizer = self._tokenizer()
+        self.model_config = self._model_config()
+        self.metrics = MetricsWriter(workdir, process_index=jax.process_index())
+        self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+        self.stages = self._stages()
+        self._stop_requested = False
+        self.key = jax.random.key(config.seed)
+        self.sampling_params = sampling.SamplingParams(
+            max_new_tokens=config.rollout.max_new_tokens,
+            temperature=config.rollout.temperature,
+            top_p=config.rollout.top_p,
+            top_k=config.rollout.top_k,
+            eos_ids=(self.tokenizer.eos_id,),
+            pad_id=self.tokenizer.pad_id,
+        )
+        self.greedy_params = dataclasses.replace(self.sampling_params, temperature=0.0)
+        self._init_states()
+
+    # ------------------------------------------------------------------------------------------
+    # Set-up.
+    # ------------------------------------------------------------------------------------------
+
+    def _tokenizer(self) -> Tokenizer:
+        cfg = self.config
+        path = os.path.join(self.workdir, "tokenizer", "spm.model")
+        if not os.path.exists(path) and jax.process_index() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp_prefix = os.path.join(os.path.dirname(path), f"tmp{os.getpid()}")
+            train_sentencepiece(
+                self.task.corpus(2000, cfg.seed),
+                tmp_prefix,
+                cfg.data.tokenizer_vocab_size,
+                user_defined_symbols=["Answer:", "Add:"],
+            )
+            os.replace(tmp_prefix + ".model", path)
+            os.replace(tmp_prefix + ".vocab", path[: -len(".model")] + ".vocab")
+        # Prompts end with "=": the response starts right after it.
+        return load_tokenizer(path, prompt_template="{prompt}", add_bos=True)
+
+    def _model_config(self) -> ModelConfig:
+        m = self.config.model
+        if m.hf_path:
+            raise NotImplementedError(
+                "model.hf_path: runs from pretrained checkpoints need a math prompt set; this "
+                "version runs the synthetic task from scratch"
+            )
+        vocab = int(np.ceil(self.tokenizer.vocab_size / 8) * 8)
+        return ModelConfig(
+            vocab_size=vocab,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            param_dtype=m.param_dtype,
+            dtype=m.dtype,
+            remat=m.remat,
+            max_position_embeddings=1024,
+            bos_token_id=self.tokenizer.bos_id,
+            eos_token_id=self.tokenizer.eos_id,
+            pad_token_id=self.tokenizer.pad_id,
+        )
+
+    def _stages(self) -> list[str]:
+        c = self.config
+        stages = []
+        if c.sft.steps > 0:
+            stages.append("sft")
+        if c.critic.init == "reward_model" and c.gae.estimator == "gae":
+            stages.append("reward_model")
+        if c.value_pretrain.enabled and c.gae.estimator == "gae":
+            stages.append("value_pretrain")
+        stages.append("ppo")
+        return stages
+
+    def _init_states(self):
+        c = self.config
+        k_pol, k_crit, k_rm = jax.random.split(jax.random.fold_in(self.key, 0), 3)
+        policy_params = models.init_params(self.model_config, k_pol, "lm")
+        self.sft_tx = steps.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
+        self.actor_tx = steps.make_optimizer(
+            c.actor.learning_rate,
+            warmup_steps=c.actor.warmup_steps,
+            grad_clip=c.actor.grad_clip,
+            weight_decay=c.actor.weight_decay,
+        )
+        self.critic_tx = steps.make_optimizer(
+            c.critic.learning_rate,
+            warmup_steps=c.critic.warmup_steps,
+            grad_clip=c.critic.grad_clip,
+            weight_decay=c.critic.weight_decay,
+        )
+        self.rm_tx = steps.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
+        self.policy = steps.TrainState.create(policy_params, self.actor_tx)
+        self.sft_state = steps.TrainState.create(_copy(policy_params), self.sft_tx)
+        self.critic = steps.TrainState.create(
+            models.init_params(self.model_config, k_crit, "value"), self.critic_tx
+        )
+        self.reward_model = steps.TrainState.create(
+            models.init_params(self.model_config, k_rm, "value"), self.rm_tx
+        )
+        self.reference = _copy(policy_params)
+
+    def _state_tree(self) -> dict:
+        pack = lambda s: {"params": s.params, "opt_state": s.opt_state, "step": s.step}
+        return {
+            "policy": pack(self.policy),
+            "sft": pack(self.sft_state),
+            "critic": pack(self.critic),
+            "reward_model": pack(self.reward_model),
+            "reference": self.reference,
+        }
+
+    def _load_state_tree(self, tree: dict) -> None:
+        unpack = lambda s, d: s.replace(
+            params=d["params"], opt_state=d["opt_state"], step=d["step"]
+        )
+        self.policy = unpack(self.policy, tree["policy"])
+        self.sft_state = unpack(self.sft_state, tree["sft"])
+        self.critic = unpack(self.critic, tree["critic"])
+        self.reward_model = unpack(self.reward_model, tree["reward_model"])
+        self.reference = tree["reference"]
+
+    def _rng(self, stage: str, step: int, *more: int) -> tuple[jax.Array, np.random.Generator]:
+        key = jax.random.fold_in(jax.random.fold_in(self.key, STAGE_IDS[stage]), step)
+        for m in more:
+            key = jax.random.fold_in(key, m)
+        seeds = [self.config.seed, STAGE_IDS[stage], step, *more]
+        return key, np.random.default_rng(seeds)
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints and signals.
+    # ------------------------------------------------------------------------------------------
+
+    def _save(self, stage_index: int, stage_step: int, *, force: bool = False) -> None:
+        meta = {
+            "stage_index": stage_index,
+            "stage_step": stage_step,
+            "stage": self.stages[stage_index] if stage_index < len(self.stages) else "done",
+            "stages": self.stages,
+            "fingerprint": fingerprint(self.config),
+        }
+        self._ckpt_step += 1
+        self.checkpointer.save(self._ckpt_step, self._state_tree(), meta, force=force)
+
+    def _restore(self) -> tuple[int, int]:
+        restored = self.checkpointer.restore(self._state_tree(), fingerprint(self.config))
+        self._ckpt_step = self.checkpointer.latest_step() or 0
+        if restored is None:
+            return 0, 0
+        tree, meta = restored
+        if meta["stages"] != self.stages:
+            raise ValueError(
+                f"the checkpoint's stages {meta['stages']} differ from this config's "
+                f"{self.stages}; use a new --workdir"
+            )
+        self._load_state_tree(tree)
+        self._truncate_metrics(meta["stage_index"], meta["stage_step"])
+        print(
+            f"resumed from checkpoint {self._ckpt_step}: stage {meta['stage']}, "
+            f"step {meta['stage_step']}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return meta["stage_index"], meta["stage_step"]
+
+    def _truncate_metrics(self, stage_index: int, stage_step: int) -> None:
+        """Drops metric rows written after the checkpoint being resumed (they will be written
+        again), so that the file reads as one uninterrupted run."""
+        path = self.metrics.path
+        if not self.metrics.enabled or not os.path.exists(path):
+            return
+        resume = (stage_index, stage_step)
+        kept = []
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                stage = "ppo" if row["stage"] == "eval" else row["stage"]
+                if stage not in self.stages:
+                    continue
+                # A stage row at step s is done once s + 1 steps are; an eval row at step s
+                # comes before PPO step s.
+                done = row["step"] + (0.5 if row["stage"] == "eval" else 1)
+                if (self.stages.index(stage), done) <= resume:
+                    kept.append(line)
+        self.metrics.rewrite(kept)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        self._stop_requested = True
+        print("SIGTERM: saving a checkpoint after this step", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------------------------------
+    # Data.
+    # ------------------------------------------------------------------------------------------
+
+    def _sequences(self, prompts: list[str], responses: list[str], add_eos=True) -> Batch:
+        tok = self.tokenizer
+        p_ids = [tok.encode(tok.format_prompt(p), add_bos=True) for p in prompts]
+        r_ids = [tok.encode(r, add_eos=add_eos) for r in responses]
+        n = max(len(r) for r in r_ids)
+        width = max(len(p) for p in p_ids) + n
+        tokens = _pad_rows([p + r for p, r in zip(p_ids, r_ids, strict=True)], width, tok.pad_id)
+        plen = np.array([len(p) for p in p_ids])
+        rlen = np.array([len(r) for r in r_ids])
+        positions = plen[:, None] + np.arange(n)[None, :]
+        mask = (np.arange(n)[None, :] < rlen[:, None]).astype(np.float32)
+        return Batch(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask), rlen)
+
+    def _rollout(self, params, problems, key, sampling_params) -> tuple[Batch, dict, np.ndarray]:
+        tok = self.tokenizer
+        prompts, lengths = tok.encode_prompts([p.prompt for p in problems])
+        t0 = time.time()
+        out = sampling.generate(self.model_config, params, prompts, lengths, sampling_params, key)
+        jax.block_until_ready(out.response_tokens)
+        seconds = time.time() - t0
+        mask = np.asarray(out.response_mask)
+        texts = tok.decode_batch(np.asarray(out.response_tokens), mask)
+        correct = np.array(
+            [rewards.exact_match(t, p.answer) for t, p in zip(texts, problems, strict=True)]
+        )
+        batch = Batch(
+            out.tokens,
+            sampling.response_positions(out),
+            out.response_mask,
+            mask.sum(1).astype(int),
+            out.response_logprobs,
+        )
+        gen = float(mask.sum())
+        info = {
+            "perf/sample_seconds": seconds,
+            "perf/sample_tokens_per_s": gen / max(seconds, 1e-9),
+        }
+        return batch, info, correct
+
+    # ------------------------------------------------------------------------------------------
+    # Stages.
+    # ------------------------------------------------------------------------------------------
+
+    def run_sft_step(self, step: int) -> dict:
+        c = self.config
+        _, rng = self._rng("sft", step)
+        seed = int(rng.integers(2**31))
+        pairs = sft_examples(self.task, c.sft.batch_size, seed, c.data.direct_fraction)
+        b = self._sequences([p for p, _ in pairs], [r for _, r in pairs])
+        self.sft_state, m = steps.sft_step(
+            self.model_config, self.sft_state, b.tokens, b.positions, b.mask
+        )
+        return m
+
+    def _corrupt(self, problem, rng: np.random.Generator, full: bool) -> str:
+        """A wrong response of the same shape: one partial sum off, carried to the answer."""
+        terms = list(problem.terms)
+        if not full:
+            wrong = int(problem.answer) + int(rng.choice([-1, 1]) * rng.integers(1, 10))
+            return f" Answer: {wrong}"
+        k = int(rng.integers(1, len(terms)))
+        delta = int(rng.choice([-1, 1]) * rng.integers(1, 10))
+        steps_txt, acc = [], terms[0]
+        for i, t in enumerate(terms[1:], start=1):
+            acc = acc + t + (delta if i == k else 0)
+            steps_txt.append(f"{acc - t - (delta if i == k else 0)}+{t}={acc}")
+        return " " + " ; ".join(steps_txt) + f" . Answer: {acc}"
+
+    def run_reward_model_step(self, step: int) -> dict:
+        c = self.config
+        _, rng = self._rng("reward_model", step)
+        problems = self.task.problems(c.reward_model.batch_size, int(rng.integers(2**31)))
+        responses, targets = [], []
+        for i, p in enumerate(problems):  # Balanced: half right, half wrong; both lengths.
+            full = rng.random() >= c.data.direct_fraction
+            right = i % 2 == 0
+            responses.append(
+                (p.full_solution if full else p.direct_solution)
+                if right
+                else self._corrupt(p, rng, full)
+            )
+            targets.append(c.reward.correct if right else c.reward.incorrect)
+        b = self._sequences([p.prompt for p in problems], responses)
+        last = b.positions[jnp.arange(len(problems)), jnp.asarray(b.lengths) - 1]
+        self.reward_model, m = steps.reward_model_step(
+            self.model_config, self.reward_model, b.tokens, last, jnp.asarray(targets)
+        )
+        return m
+
+    def _rewards(self, correct: np.ndarray, batch: Batch) -> np.ndarray:
+        c = self.config
+        return rewards.terminal_rewards(
+            correct,
+            np.asarray(batch.mask),
+            correct_reward=c.reward.correct,
+            incorrect_reward=c.reward.incorrect,
+            max_length=c.rollout.max_new_tokens,
+            overlong_buffer=c.reward.overlong_buffer,
+            overlong_penalty=c.reward.overlong_penalty,
+        )
+
+    def _minibatches(self, n: int, rng: np.random.Generator):
+        perm = rng.permutation(n)
+        size = n // self.config.ppo.minibatches
+        for i in range(self.config.ppo.minibatches):
+            yield jnp.asarray(perm[i * size : (i + 1) * size])
+
+    def _problems(self, rng: np.random.Generator):
+        c = self.config
+        problems = self.task.problems(c.rollout.prompts_per_step, int(rng.integers(2**31)))
+        return [p for p in problems for _ in range(c.rollout.samples_per_prompt)]
+
+    def run_value_pretrain_step(self, step: int) -> dict:
+        c = self.config
+        key, rng = self._rng("value_pretrain", step)
+        problems = self._problems(rng)
+        batch, info, correct = self._rollout(
+            self.policy.params, problems, key, self.sampling_params
+        )
+        r = jnp.asarray(self._rewards(correct, batch))
+        values = steps.critic_values(
+            self.model_config, self.critic.params, batch.tokens, batch.positions
+        )
+        lam = c.value_pretrain.lambda_
+        _, returns = adv_lib.decoupled_gae(
+            r, values, batch.mask, gamma=c.gae.gamma, lambda_actor=lam, lambda_critic=lam
+        )
+        metrics = []
+        for _ in range(c.ppo.epochs):
+            for idx in self._minibatches(len(problems), rng):
+                self.critic, m = steps.critic_step(
+                    self.model_config,
+                    self.critic,
+                    batch.tokens[idx],
+                    batch.positions[idx],
+                    batch.mask[idx],
+                    returns[idx],
+                    values[idx],
+                    value_clip=None,
+                    agg_mode=c.ppo.loss_agg_mode,
+                )
+                metrics.append(m)
+        out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+        out.update(self._rollout_metrics(batch, correct, r))
+        out.update(info)
+        return out
+
+    def _rollout_metrics(self, batch: Batch, correct: np.ndarray, r) -> dict:
+        lengths = np.asarray(batch.lengths)
+        return {
+            "rollout/accuracy": float(np.mean(correct)),
+            "rollout/response_length_mean": float(lengths.mean()),
+            "rollout/response_length_max": float(lengths.max()),
+            "rollout/reward_mean": float(np.asarray(r).sum(1).mean()),
+            "rollout/truncated_fraction": float(
+                np.mean(lengths >= self.config.rollout.max_new_tokens)
+            ),
+        }
+
+    def _grpo_advantages(self, r: np.ndarray, mask) -> jax.Array:
+        n = self.config.rollout.samples_per_prompt
+        seq = r.sum(1).reshape(-1, n)
+        norm = (seq - seq.mean(1, keepdims=True)) / (seq.std(1, keepdims=True) + 1e-6)
+        return jnp.asarray(norm.reshape(-1)[:, None]) * mask
+
+    def run_ppo_step(self, step: int) -> dict:
+        c = self.config
+        key, rng = self._rng("ppo", step)
+        problems = self._problems(rng)
+        t0 = time.time()
+        batch, info, correct = self._rollout(
+            self.policy.params, problems, key, self.sampling_params
+        )
+        r_np = self._rewards(correct, batch)
+        r = jnp.asarray(r_np)
+        mask = batch.mask
+        if c.rollout.dynamic_sampling:  # Drop groups with no signal (all right / all wrong).
+            g = correct.reshape(-1, c.rollout.samples_per_prompt)
+            keep = np.repeat(~(g.all(1) | (~g).all(1)), c.rollout.samples_per_prompt)
+            mask = mask * jnp.asarray(keep, jnp.float32)[:, None]
+            info["rollout/kept_fraction"] = float(keep.mean())
+        temp = c.rollout.temperature or 1.0
+        old_logp = steps.score_rollout(
+            self.model_config, self.policy.params, batch.tokens, batch.positions, temp
+        )
+        # The sampler's log-probs should equal the trainer's (PPO's ratio starts at 1).
+        info["rollout/sampler_logprob_max_diff"] = float(
+            jnp.max(jnp.abs(old_logp - batch.sampler_logprobs) * mask)
+        )
+        ref_logp = old_logp
+        if c.ppo.kl_coef > 0:
+            ref_logp = steps.score_rollout(
+                self.model_config, self.reference, batch.tokens, batch.positions, temp
+            )
+        gae_metrics = {}
+        if c.gae.estimator == "grpo":
+            advantages = self._grpo_advantages(r_np, mask)
+            values = returns = None
+        else:
+            values = steps.critic_values(
+                self.model_config, self.critic.params, batch.tokens, batch.positions
+            )
+            lam_actor = c.gae.lambda_actor
+            if c.gae.length_adaptive_alpha is not None:
+                lam_actor = adv_lib.length_adaptive_lambda(
+                    jnp.asarray(batch.lengths), c.gae.length_adaptive_alpha
+                )
+            advantages, returns = adv_lib.decoupled_gae(
+                r,
+                values,
+                mask,
+                gamma=c.gae.gamma,
+                lambda_actor=lam_actor,
+                lambda_critic=c.gae.lambda_critic,
+            )
+            gae_metrics = {
+                "gae/advantage_mean": float(adv_lib.masked_mean(advantages, mask)),
+                "gae/advantage_first_token": float(jnp.mean(advantages[:, 0])),
+                "gae/value_first_token": float(jnp.mean(values[:, 0])),
+                "gae/value_mean": float(adv_lib.masked_mean(values, mask)),
+                "gae/return_mean": float(adv_lib.masked_mean(returns, mask)),
+            }
+            if step == 0:
+                self._write_position_profile(values, advantages, mask)
+        if c.gae.whiten_advantages:
+            advantages = adv_lib.masked_whiten(advantages, mask)
+        is_positive = jnp.asarray(correct, jnp.float32)
+        t1 = time.time()
+        metrics = []
+        for _ in range(c.ppo.epochs):
+            for idx in self._minibatches(len(problems), rng):
+                m = {}
+                if values is not None:
+                    self.critic, m = steps.critic_step(
+                        self.model_config,
+                        self.critic,
+                        batch.tokens[idx],
+                        batch.positions[idx],
+                        mask[idx],
+                        returns[idx],
+                        values[idx],
+                        value_clip=c.ppo.value_clip,
+                        agg_mode=c.ppo.loss_agg_mode,
+                    )
+                self.policy, am = steps.actor_step(
+                    self.model_config,
+                    self.policy,
+                    batch.tokens[idx],
+                    batch.positions[idx],
+                    mask[idx],
+                    old_logp[idx],
+                    advantages[idx],
+                    ref_logp[idx],
+                    is_positive[idx],
+                    eps_low=c.ppo.eps_low,
+                    eps_high=c.ppo.eps_high,
+                    dual_clip=c.ppo.dual_clip,
+                    agg_mode=c.ppo.loss_agg_mode,
+                    entropy_coef=c.ppo.entropy_coef,
+                    kl_coef=c.ppo.kl_coef,
+                    kl_estimator=c.ppo.kl_estimator,
+                    positive_nll_coef=c.ppo.positive_nll_coef,
+                    temperature=temp,
+                )
+                metrics.append({**m, **am})
+        jax.block_until_ready(self.policy.params)
+        train_s = time.time() - t1
+        out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+        out.update(gae_metrics)
+        out.update(self._rollout_metrics(batch, correct, r))
+        out.update(info)
+        tokens = float(np.asarray(mask).sum()) * c.ppo.epochs
+        out.update(
+            {
+                "perf/train_seconds": train_s,
+                "perf/train_tokens_per_s": tokens / train_s,
+                "perf/step_seconds": time.time() - t0,
+            }
+        )
+        return out
+
+    def _write_position_profile(self, values, advantages, mask) -> None:
+        """Mean value and advantage by response position at the start of PPO (the paper's
+        value-initialisation-bias picture)."""
+        m = np.asarray(mask)
+        count = m.sum(0)
+        prof = {
+            "count": count.tolist(),
+            "value": (np.asarray(values) * m).sum(0).tolist(),
+            "advantage": (np.asarray(advantages) * m).sum(0).tolist(),
+        }
+        prof["value"] = [
+            float(v / n) if n else None for v, n in zip(prof["value"], count, strict=True)
+        ]
+        prof["advantage"] = [
+            float(a / n) if n else None for a, n in zip(prof["advantage"], count, strict=True)
+        ]
+        prof["count"] = [float(n) for n in count]
+        if jax.process_index() == 0:
+            with open(os.path.join(self.workdir, "position_profile.json"), "w") as f:
+                json.dump(prof, f)
+
+    def evaluate(self, step: int) -> dict:
+        c = self.config
+        problems = self.task.problems(c.eval.num_prompts, c.seed + EVAL_SEED_OFFSET)
+        key = jax.random.fold_in(self.key, EVAL_SEED_OFFSET + step)
+        greedy, _, g_correct = self._rollout(self.policy.params, problems, key, self.greedy_params)
+        k = c.eval.num_samples
+        many = [p for p in problems for _ in range(k)]
+        sampled, _, s_correct = self._rollout(self.policy.params, many, key, self.sampling_params)
+        s = s_correct.reshape(-1, k)
+        return {
+            "eval/accuracy": float(g_correct.mean()),
+            "eval/response_length": float(np.mean(greedy.lengths)),
+            "eval/accuracy_sampled": float(s.mean()),
+            f"eval/pass_at_{k}": float(s.any(1).mean()),
+            "eval/response_length_sampled": float(np.mean(sampled.lengths)),
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # The loop.
+    # ------------------------------------------------------------------------------------------
+
+    def _enter_stage(self, stage: str) -> None:
+        """Initialisations when a stage starts (from step 0); later checkpoints hold them."""
+        c = self.config
+        first_critic_stage = "value_pretrain" if "value_pretrain" in self.stages else "ppo"
+        if stage == first_critic_stage and c.gae.estimator == "gae":
+            if c.critic.init == "reward_model":
+                self.critic = steps.TrainState.create(
+                    _copy(self.reward_model.params), self.critic_tx
+                )
+            elif c.critic.init == "policy":  # The policy's backbone with a fresh value head.
+                params = dict(self.critic.params)
+                params["decoder"] = _copy(self.policy.params["decoder"])
+                self.critic = steps.TrainState.create(params, self.critic_tx)
+        if stage == "ppo":
+            # The critic's optimiser starts afresh; the reference is the starting policy.
+            self.critic = steps.TrainState.create(self.critic.params, self.critic_tx)
+            self.reference = _copy(self.policy.params)
+
+    def _exit_stage(self, stage: str) -> None:
+        if stage == "sft":  # The fine-tuned weights become the policy, with PPO's optimiser.
+            self.policy = steps.TrainState.create(_copy(self.sft_state.params), self.actor_tx)
+            self.reference = _copy(self.sft_state.params)
+
+    def total_steps(self, stage: str) -> int:
+        c = self.config
+        return {
+            "sft": c.sft.steps,
+            "reward_model": c.reward_model.steps,
+            "value_pretrain": c.value_pretrain.steps,
+            "ppo": c.ppo.steps,
+        }[stage]
+
+    def run(self) -> None:
+        c = self.config
+        stage_index, stage_step = self._restore()
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        keys = {
+            "sft": ("sft/loss",),
+            "reward_model": ("rm/loss", "rm/accuracy"),
+            "value_pretrain": (
+                "critic/value_loss",
+                "critic/explained_variance",
+                "rollout/accuracy",
+            ),
+            "ppo": (
+                "rollout/accuracy",
+                "rollout/response_length_mean",
+                "critic/explained_variance",
+                "actor/clip_fraction",
+            ),
+        }
+        steps_this_run = 0
+        try:
+            for i in range(stage_index, len(self.stages)):
+                stage = self.stages[i]
+                total = self.total_steps(stage)
+                start = stage_step if i == stage_index else 0
+                if start == 0:
+                    self._enter_stage(stage)
+                if total == 0:
+                    self._exit_stage(stage)
+                    self._save(i + 1, 0)
+                progress = Progress(stage, total, start, every=c.log_every_steps)
+                step_fn = getattr(self, f"run_{stage}_step")
+                for step in range(start, total):
+                    if stage == "ppo" and step % c.eval.every_steps == 0:
+                        self.metrics.write(step, "eval", self.evaluate(step))
+                    row = self.metrics.write(step, stage, step_fn(step))
+                    progress.update(step, row, keys[stage])
+                    last = step + 1 == total
+                    if last:
+                        self._exit_stage(stage)
+                    steps_this_run += 1
+                    pause = c.stop_after_steps is not None and steps_this_run >= c.stop_after_steps
+                    stop = self._stop_requested or pause
+                    if stop or last or (step + 1) % c.checkpoint_every_steps == 0:
+                        next_i, next_step = (i + 1, 0) if last else (i, step + 1)
+                        self._save(next_i, next_step, force=stop)
+                    if stop:
+                        self.checkpointer.wait()
+                        why = "SIGTERM" if self._stop_requested else "stop_after_steps"
+                        print(
+                            f"stopped ({why}) after {stage} step {step + 1}; checkpoint "
+                            "saved: run the same command again to continue",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                        if self._stop_requested:
+                            sys.exit(143)
+                        return
+                if stage == "ppo" and start < total:
+                    self.metrics.write(total, "eval", self.evaluate(total))
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.checkpointer.close()
+            self.metrics.close()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    validate_config(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    Experiment(config, workdir).run()
