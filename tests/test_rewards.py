@@ -1,0 +1,91 @@
+"""Answer extraction, verification (with a hanging verifier) and terminal rewards."""
+
+import time
+
+import numpy as np
+import pytest
+
+from vcppo_jax import rewards
+from vcppo_jax.data.synthetic import AdditionTask, sft_examples
+
+
+def test_extract_answer():
+    assert rewards.extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{3}") == "3"
+    assert rewards.extract_answer("x = \\boxed{\\frac{a}{b}}") == "\\frac{a}{b}"
+    assert rewards.extract_answer("steps ... Answer: 236.") == "236"
+    assert rewards.extract_answer("1+2=3 ; 3+4=7") == "7"
+    assert rewards.extract_answer("Answer:") is None
+    assert rewards.extract_answer("nothing here") is None
+    assert rewards.extract_answer("\\boxed{unbalanced") is None
+
+
+def test_exact_match_on_the_task():
+    task = AdditionTask(num_terms=4, digits=2)
+    for p in task.problems(20, seed=0):
+        assert rewards.exact_match(p.full_solution, p.answer)
+        assert rewards.exact_match(p.direct_solution, p.answer)
+        assert not rewards.exact_match(p.full_solution.replace(p.answer, str(int(p.answer) + 1)),
+                                       p.answer)
+    assert rewards.exact_match(" Answer: 1,000", "1000")
+
+
+def test_synthetic_task_is_correct_and_long():
+    task = AdditionTask(num_terms=5, digits=2)
+    p = task.make([23, 45, 12, 67, 89])
+    assert p.answer == "236"
+    assert p.full_solution == " 23+45=68 ; 68+12=80 ; 80+67=147 ; 147+89=236 . Answer: 236"
+    assert p.direct_solution == " Answer: 236"
+    rng_problems = task.problems(50, seed=1)
+    assert all(int(p.answer) == sum(p.terms) for p in rng_problems)
+    assert all(10 <= t < 100 for p in rng_problems for t in p.terms)
+    pairs = sft_examples(task, 400, seed=2, direct_fraction=0.25)
+    direct = np.mean([r.startswith(" Answer:") for _, r in pairs])
+    assert 0.18 < direct < 0.32
+    with pytest.raises(ValueError, match="num_terms"):
+        AdditionTask(num_terms=1)
+
+
+def test_terminal_rewards():
+    mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    r = rewards.terminal_rewards(np.array([True, False, True]), mask, correct_reward=0.5,
+                                 incorrect_reward=-1.0)
+    assert r.dtype == np.float32  # Fractional rewards survive.
+    np.testing.assert_array_equal(r, [[0, 0, 0.5, 0], [-1, 0, 0, 0], [0, 0, 0, 0]])
+    # DAPO overlong: max 10, buffer 4 -> penalty starts after 6 tokens, full at 10.
+    mask = (np.arange(10)[None] < np.array([[5], [8], [10]])).astype(np.float32)
+    r = rewards.terminal_rewards(np.array([True, True, True]), mask, max_length=10,
+                                 overlong_buffer=4, overlong_penalty=1.0)
+    np.testing.assert_allclose(r.sum(1), [1.0, 0.5, 0.0])
+
+
+def _hang_on_x(pred, gold):
+    if "x" in pred:
+        time.sleep(60)
+    if "crash" in pred:
+        raise RuntimeError("verifier crashed")
+    return pred.strip() == gold
+
+
+def test_verifier_timeout_and_crash_count_as_incorrect():
+    v = rewards.MathVerifier(workers=2, timeout_s=2.0, verify_fn=_hang_on_x)
+    try:
+        t0 = time.time()
+        res = v(["1", "x", "2", "crash"], ["1", "1", "3", "1"])
+        assert time.time() - t0 < 20
+        np.testing.assert_array_equal(res.correct, [True, False, False, False])
+        assert res.timeouts == 1 and res.errors == 1
+        res = v(["5"], ["5"])  # A fresh pool after the hang.
+        assert res.correct.tolist() == [True]
+    finally:
+        v.close()
+
+
+@pytest.mark.slow
+def test_math_verify_latex_equivalence():
+    v = rewards.MathVerifier(workers=1, timeout_s=30.0)
+    try:
+        res = v(["The answer is \\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{3}"],
+                ["0.5", "\\frac{1}{2}", "4"])
+        assert res.correct.tolist() == [True, True, False]
+    finally:
+        v.close()
