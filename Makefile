@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-all lint format bench-gae clean
+.PHONY: venv test test-all lint format bench-gae bench-sampling demo clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,19 @@ format: $(STAMP)
 
 bench-gae: $(STAMP)
 	$(PY) -m benchmarks.gae
+
+bench-sampling: $(STAMP)
+	$(PY) -m benchmarks.sampling
+
+# The CPU demo: the tiny VC-PPO experiment end to end (SFT, value pretraining, PPO), then plots.
+# Running it again resumes (or, when finished, only redraws the plots).
+DEMO := workdirs/demo_vcppo
+demo: $(STAMP)
+	$(PY) -m vcppo_jax.main --config=configs/vcppo.py:tiny --workdir=$(DEMO)
+	$(PY) -m vcppo_jax.plotting --runs vcppo=$(DEMO) --out $(DEMO)/figures
+	@echo "metrics:     $(DEMO)/metrics.jsonl (TensorBoard: $(DEMO)/tensorboard)"
+	@echo "figures:     $(DEMO)/figures/"
+	@echo "checkpoints: $(DEMO)/checkpoints/"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -24,8 +24,9 @@ def test_exact_match_on_the_task():
     for p in task.problems(20, seed=0):
         assert rewards.exact_match(p.full_solution, p.answer)
         assert rewards.exact_match(p.direct_solution, p.answer)
-        assert not rewards.exact_match(p.full_solution.replace(p.answer, str(int(p.answer) + 1)),
-                                       p.answer)
+        assert not rewards.exact_match(
+            p.full_solution.replace(p.answer, str(int(p.answer) + 1)), p.answer
+        )
     assert rewards.exact_match(" Answer: 1,000", "1000")
 
 
@@ -47,14 +48,16 @@ def test_synthetic_task_is_correct_and_long():
 
 def test_terminal_rewards():
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
-    r = rewards.terminal_rewards(np.array([True, False, True]), mask, correct_reward=0.5,
-                                 incorrect_reward=-1.0)
+    r = rewards.terminal_rewards(
+        np.array([True, False, True]), mask, correct_reward=0.5, incorrect_reward=-1.0
+    )
     assert r.dtype == np.float32  # Fractional rewards survive.
     np.testing.assert_array_equal(r, [[0, 0, 0.5, 0], [-1, 0, 0, 0], [0, 0, 0, 0]])
     # DAPO overlong: max 10, buffer 4 -> penalty starts after 6 tokens, full at 10.
     mask = (np.arange(10)[None] < np.array([[5], [8], [10]])).astype(np.float32)
-    r = rewards.terminal_rewards(np.array([True, True, True]), mask, max_length=10,
-                                 overlong_buffer=4, overlong_penalty=1.0)
+    r = rewards.terminal_rewards(
+        np.array([True, True, True]), mask, max_length=10, overlong_buffer=4, overlong_penalty=1.0
+    )
     np.testing.assert_allclose(r.sum(1), [1.0, 0.5, 0.0])
 
 
@@ -84,8 +87,10 @@ def test_verifier_timeout_and_crash_count_as_incorrect():
 def test_math_verify_latex_equivalence():
     v = rewards.MathVerifier(workers=1, timeout_s=30.0)
     try:
-        res = v(["The answer is \\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{3}"],
-                ["0.5", "\\frac{1}{2}", "4"])
+        res = v(
+            ["The answer is \\boxed{\\frac{1}{2}}", "\\boxed{0.5}", "\\boxed{3}"],
+            ["0.5", "\\frac{1}{2}", "4"],
+        )
         assert res.correct.tolist() == [True, True, False]
     finally:
         v.close()

@@ -13,13 +13,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main_cmd(workdir, *flags, config="configs/vcppo.py:smoke"):
-    return [sys.executable, "-m", "vcppo_jax.main", f"--config={config}", f"--workdir={workdir}",
-            *flags]
+    return [
+        sys.executable,
+        "-m",
+        "vcppo_jax.main",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
 
 
 def run_main(workdir, *flags, config="configs/vcppo.py:smoke", timeout=600):
-    return subprocess.run(main_cmd(workdir, *flags, config=config), cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        main_cmd(workdir, *flags, config=config),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def rows(workdir):
@@ -47,9 +58,16 @@ def test_smoke_run_writes_metrics_checkpoints_and_config(full_run):
     assert stages.count("value_pretrain") == 3 and stages.count("ppo") == 3
     assert "reward_model" not in stages  # VC-PPO's critic comes from value pretraining.
     ppo = [r for r in rs if r["stage"] == "ppo"]
-    for key in ("rollout/response_length_mean", "rollout/accuracy", "critic/explained_variance",
-                "actor/clip_fraction", "gae/advantage_mean", "perf/sample_tokens_per_s",
-                "perf/train_tokens_per_s", "rollout/sampler_logprob_max_diff"):
+    for key in (
+        "rollout/response_length_mean",
+        "rollout/accuracy",
+        "critic/explained_variance",
+        "actor/clip_fraction",
+        "gae/advantage_mean",
+        "perf/sample_tokens_per_s",
+        "perf/train_tokens_per_s",
+        "rollout/sampler_logprob_max_diff",
+    ):
         assert key in ppo[0], key
     # The sampler's old log-probs agree with the trainer's forward.
     assert max(r["rollout/sampler_logprob_max_diff"] for r in ppo) < 1e-4
@@ -89,8 +107,9 @@ def test_checkpoint_from_another_config_is_refused(full_run, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(full_run, tmp_path):
     wd_full, _ = full_run
     wd = str(tmp_path / "term")
-    proc = subprocess.Popen(main_cmd(wd), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        main_cmd(wd), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline:  # Wait until training has started.
         if os.path.exists(os.path.join(wd, "metrics.jsonl")) and rows(wd):

@@ -31,8 +31,11 @@ PPO_PANELS = (
 
 
 def _series(rows, stage: str, key: str):
-    pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage and isinstance(r.get(key),
-                                                                                   (int, float))]
+    pts = [
+        (r["step"], r[key])
+        for r in rows
+        if r["stage"] == stage and isinstance(r.get(key), (int, float))
+    ]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -58,13 +61,17 @@ def plot_runs(runs: dict[str, str], out_dir: str) -> list[str]:
     plt.close(fig)
     written.append(path)
 
-    vp = {label: rows for label, rows in data.items()
-          if any(r["stage"] == "value_pretrain" for r in rows)}
+    vp = {
+        label: rows
+        for label, rows in data.items()
+        if any(r["stage"] == "value_pretrain" for r in rows)
+    }
     if vp:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for label, rows in vp.items():
-            for ax, key in zip(axes, ("critic/value_loss", "critic/explained_variance"),
-                               strict=True):
+            for ax, key in zip(
+                axes, ("critic/value_loss", "critic/explained_variance"), strict=True
+            ):
                 x, y = _series(rows, "value_pretrain", key)
                 ax.plot(x, y, label=label)
                 ax.set_title(f"value pretraining: {key.split('/')[1].replace('_', ' ')}")
