@@ -130,3 +130,64 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(tmp_pa
     assert out.returncode == 0, out.stderr[-3000:]
     stages = [r["stage"] for r in rows(wd)]
     assert stages.count("reward_model") == 3 and "value_pretrain" not in stages
+
+
+def _checksum(stderr):
+    line = [x for x in stderr.splitlines() if "policy parameter checksum" in x][-1]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_one_device_eight_devices_and_two_processes_agree(full_run, tmp_path):
+    """The same command on 8 simulated devices (the fixture: batch over data), on 1 device,
+    on a data x fsdp mesh, and as two JAX processes on one machine."""
+    wd8, out8 = full_run
+    ref = comparable(rows(wd8))
+
+    def close(rs):
+        assert [(r["stage"], r["step"]) for r in rs] == [(r["stage"], r["step"]) for r in ref]
+        for a, b in zip(rs, ref, strict=True):
+            for k in ("sft/loss", "rollout/response_length_mean", "critic/value_loss"):
+                if k in b:
+                    assert abs(a[k] - b[k]) <= 1e-3 * (1 + abs(b[k])), (a["stage"], k)
+
+    env1 = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    one = subprocess.run(
+        main_cmd(str(tmp_path / "one")),
+        cwd=ROOT,
+        env=env1,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    close(comparable(rows(str(tmp_path / "one"))))
+
+    fsdp = run_main(str(tmp_path / "fsdp"), "--config.mesh.data=4", "--config.mesh.fsdp=2")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    close(comparable(rows(str(tmp_path / "fsdp"))))
+
+    wd2 = str(tmp_path / "two")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "VCPPO_COORDINATOR": "localhost:23571",
+        "VCPPO_NUM_PROCESSES": "2",
+    }
+    procs = [
+        subprocess.Popen(
+            main_cmd(wd2, "--config.distributed=True"),
+            cwd=ROOT,
+            env={**env, "VCPPO_PROCESS_ID": str(i)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    for p, err in zip(procs, errs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    sums = [_checksum(e) for e in errs]
+    assert sums[0] == sums[1]  # The two processes hold the same policy.
+    assert abs(sums[0] - _checksum(out8.stderr)) <= 1e-4 * abs(sums[0])
+    close(comparable(rows(wd2)))

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
-from vcppo_jax import models, rewards, sampling, steps
+from vcppo_jax import models, rewards, sampling, sharding, steps
 from vcppo_jax.checkpoint import Checkpointer
 from vcppo_jax.config_validation import validate_config
 from vcppo_jax.data.synthetic import AdditionTask, sft_examples
@@ -93,6 +94,11 @@ class Experiment:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.workdir = workdir
+        self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
+        self.rules = tuple(tuple(r) for r in config.mesh.rules)
+        batch_axes = dict(self.rules).get("batch") or ()
+        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+        self._batch_shards = int(np.prod([self.mesh.shape[a] for a in batch_axes]))
         self.task = AdditionTask(config.data.num_terms, config.data.digits)
         self.tokenizer = self._tokenizer()
         self.model_config = self._model_config()
@@ -130,6 +136,8 @@ class Experiment:
             )
             os.replace(tmp_prefix + ".model", path)
             os.replace(tmp_prefix + ".vocab", path[: -len(".model")] + ".vocab")
+        if jax.process_count() > 1:  # The others wait for process 0's tokenizer.
+            multihost_utils.sync_global_devices("tokenizer")
         # Prompts end with "=": the response starts right after it.
         return load_tokenizer(path, prompt_template="{prompt}", add_bos=True)
 
@@ -172,7 +180,10 @@ class Experiment:
     def _init_states(self):
         c = self.config
         k_pol, k_crit, k_rm = jax.random.split(jax.random.fold_in(self.key, 0), 3)
-        policy_params = models.init_params(self.model_config, k_pol, "lm")
+        init = lambda key, head: sharding.init_sharded(
+            self.model_config, key, self.mesh, self.rules, head
+        )[0]
+        policy_params = init(k_pol, "lm")
         self.sft_tx = steps.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
         self.actor_tx = steps.make_optimizer(
             c.actor.learning_rate,
@@ -187,14 +198,10 @@ class Experiment:
             weight_decay=c.critic.weight_decay,
         )
         self.rm_tx = steps.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
-        self.policy = steps.TrainState.create(policy_params, self.actor_tx)
-        self.sft_state = steps.TrainState.create(_copy(policy_params), self.sft_tx)
-        self.critic = steps.TrainState.create(
-            models.init_params(self.model_config, k_crit, "value"), self.critic_tx
-        )
-        self.reward_model = steps.TrainState.create(
-            models.init_params(self.model_config, k_rm, "value"), self.rm_tx
-        )
+        self.policy = self._new_state(policy_params, self.actor_tx)
+        self.sft_state = self._new_state(_copy(policy_params), self.sft_tx)
+        self.critic = self._new_state(init(k_crit, "value"), self.critic_tx)
+        self.reward_model = self._new_state(init(k_rm, "value"), self.rm_tx)
         self.reference = _copy(policy_params)
 
     def _state_tree(self) -> dict:
@@ -216,6 +223,30 @@ class Experiment:
         self.critic = unpack(self.critic, tree["critic"])
         self.reward_model = unpack(self.reward_model, tree["reward_model"])
         self.reference = tree["reference"]
+
+    def _new_state(self, params, tx) -> steps.TrainState:
+        """A train state whose every leaf lives on the mesh (optimiser counters and the step
+        are created on one device otherwise, which a multi-process checkpoint cannot save)."""
+        state = steps.TrainState.create(params, tx)
+        local = lambda a: not isinstance(a.sharding, jax.sharding.NamedSharding)
+        return jax.tree.map(lambda a: self._put(self._host(a)) if local(a) else a, state)
+
+    def _put(self, x) -> jax.Array:
+        """A host array (the same on every process) -> a global array, the batch dimension
+        split over the mesh's batch axes when it divides, else replicated."""
+        x = np.asarray(x)
+        spec = ()
+        if x.ndim and x.shape[0] % self._batch_shards == 0:
+            spec = (dict(self.rules).get("batch"),)
+        shard = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+        return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
+
+    @staticmethod
+    def _host(x) -> np.ndarray:
+        """A (possibly multi-process) global array -> the whole value on this host."""
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
 
     def _rng(self, stage: str, step: int, *more: int) -> tuple[jax.Array, np.random.Generator]:
         key = jax.random.fold_in(jax.random.fold_in(self.key, STAGE_IDS[stage]), step)
@@ -301,7 +332,7 @@ class Experiment:
         rlen = np.array([len(r) for r in r_ids])
         positions = plen[:, None] + np.arange(n)[None, :]
         mask = (np.arange(n)[None, :] < rlen[:, None]).astype(np.float32)
-        return Batch(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask), rlen)
+        return Batch(self._put(tokens), self._put(positions), self._put(mask), rlen)
 
     def _rollout(self, params, problems, key, sampling_params) -> tuple[Batch, dict, np.ndarray]:
         tok = self.tokenizer
@@ -310,8 +341,8 @@ class Experiment:
         out = sampling.generate(self.model_config, params, prompts, lengths, sampling_params, key)
         jax.block_until_ready(out.response_tokens)
         seconds = time.time() - t0
-        mask = np.asarray(out.response_mask)
-        texts = tok.decode_batch(np.asarray(out.response_tokens), mask)
+        mask = self._host(out.response_mask)
+        texts = tok.decode_batch(self._host(out.response_tokens), mask)
         correct = np.array(
             [rewards.exact_match(t, p.answer) for t, p in zip(texts, problems, strict=True)]
         )
@@ -373,9 +404,13 @@ class Experiment:
             )
             targets.append(c.reward.correct if right else c.reward.incorrect)
         b = self._sequences([p.prompt for p in problems], responses)
-        last = b.positions[jnp.arange(len(problems)), jnp.asarray(b.lengths) - 1]
+        last = self._host(b.positions)[np.arange(len(problems)), b.lengths - 1]
         self.reward_model, m = steps.reward_model_step(
-            self.model_config, self.reward_model, b.tokens, last, jnp.asarray(targets)
+            self.model_config,
+            self.reward_model,
+            b.tokens,
+            self._put(last),
+            self._put(np.asarray(targets, np.float32)),
         )
         return m
 
@@ -383,7 +418,7 @@ class Experiment:
         c = self.config
         return rewards.terminal_rewards(
             correct,
-            np.asarray(batch.mask),
+            self._host(batch.mask),
             correct_reward=c.reward.correct,
             incorrect_reward=c.reward.incorrect,
             max_length=c.rollout.max_new_tokens,
@@ -409,7 +444,7 @@ class Experiment:
         batch, info, correct = self._rollout(
             self.policy.params, problems, key, self.sampling_params
         )
-        r = jnp.asarray(self._rewards(correct, batch))
+        r = self._put(self._rewards(correct, batch))
         values = steps.critic_values(
             self.model_config, self.critic.params, batch.tokens, batch.positions
         )
@@ -443,7 +478,7 @@ class Experiment:
             "rollout/accuracy": float(np.mean(correct)),
             "rollout/response_length_mean": float(lengths.mean()),
             "rollout/response_length_max": float(lengths.max()),
-            "rollout/reward_mean": float(np.asarray(r).sum(1).mean()),
+            "rollout/reward_mean": float(self._host(r).sum(1).mean()),
             "rollout/truncated_fraction": float(
                 np.mean(lengths >= self.config.rollout.max_new_tokens)
             ),
@@ -453,7 +488,7 @@ class Experiment:
         n = self.config.rollout.samples_per_prompt
         seq = r.sum(1).reshape(-1, n)
         norm = (seq - seq.mean(1, keepdims=True)) / (seq.std(1, keepdims=True) + 1e-6)
-        return jnp.asarray(norm.reshape(-1)[:, None]) * mask
+        return self._put(norm.reshape(-1)[:, None].astype(np.float32)) * mask
 
     def run_ppo_step(self, step: int) -> dict:
         c = self.config
@@ -464,12 +499,12 @@ class Experiment:
             self.policy.params, problems, key, self.sampling_params
         )
         r_np = self._rewards(correct, batch)
-        r = jnp.asarray(r_np)
+        r = self._put(r_np)
         mask = batch.mask
         if c.rollout.dynamic_sampling:  # Drop groups with no signal (all right / all wrong).
             g = correct.reshape(-1, c.rollout.samples_per_prompt)
             keep = np.repeat(~(g.all(1) | (~g).all(1)), c.rollout.samples_per_prompt)
-            mask = mask * jnp.asarray(keep, jnp.float32)[:, None]
+            mask = mask * self._put(keep.astype(np.float32)[:, None])
             info["rollout/kept_fraction"] = float(keep.mean())
         temp = c.rollout.temperature or 1.0
         old_logp = steps.score_rollout(
@@ -495,7 +530,7 @@ class Experiment:
             lam_actor = c.gae.lambda_actor
             if c.gae.length_adaptive_alpha is not None:
                 lam_actor = adv_lib.length_adaptive_lambda(
-                    jnp.asarray(batch.lengths), c.gae.length_adaptive_alpha
+                    self._put(batch.lengths), c.gae.length_adaptive_alpha
                 )
             advantages, returns = adv_lib.decoupled_gae(
                 r,
@@ -516,7 +551,7 @@ class Experiment:
                 self._write_position_profile(values, advantages, mask)
         if c.gae.whiten_advantages:
             advantages = adv_lib.masked_whiten(advantages, mask)
-        is_positive = jnp.asarray(correct, jnp.float32)
+        is_positive = self._put(correct.astype(np.float32))
         t1 = time.time()
         metrics = []
         for _ in range(c.ppo.epochs):
@@ -561,7 +596,7 @@ class Experiment:
         out.update(gae_metrics)
         out.update(self._rollout_metrics(batch, correct, r))
         out.update(info)
-        tokens = float(np.asarray(mask).sum()) * c.ppo.epochs
+        tokens = float(jnp.sum(mask)) * c.ppo.epochs
         out.update(
             {
                 "perf/train_seconds": train_s,
@@ -574,12 +609,12 @@ class Experiment:
     def _write_position_profile(self, values, advantages, mask) -> None:
         """Mean value and advantage by response position at the start of PPO (the paper's
         value-initialisation-bias picture)."""
-        m = np.asarray(mask)
+        m = self._host(mask)
         count = m.sum(0)
         prof = {
             "count": count.tolist(),
-            "value": (np.asarray(values) * m).sum(0).tolist(),
-            "advantage": (np.asarray(advantages) * m).sum(0).tolist(),
+            "value": (self._host(values) * m).sum(0).tolist(),
+            "advantage": (self._host(advantages) * m).sum(0).tolist(),
         }
         prof["value"] = [
             float(v / n) if n else None for v, n in zip(prof["value"], count, strict=True)
@@ -619,21 +654,19 @@ class Experiment:
         first_critic_stage = "value_pretrain" if "value_pretrain" in self.stages else "ppo"
         if stage == first_critic_stage and c.gae.estimator == "gae":
             if c.critic.init == "reward_model":
-                self.critic = steps.TrainState.create(
-                    _copy(self.reward_model.params), self.critic_tx
-                )
+                self.critic = self._new_state(_copy(self.reward_model.params), self.critic_tx)
             elif c.critic.init == "policy":  # The policy's backbone with a fresh value head.
                 params = dict(self.critic.params)
                 params["decoder"] = _copy(self.policy.params["decoder"])
-                self.critic = steps.TrainState.create(params, self.critic_tx)
+                self.critic = self._new_state(params, self.critic_tx)
         if stage == "ppo":
             # The critic's optimiser starts afresh; the reference is the starting policy.
-            self.critic = steps.TrainState.create(self.critic.params, self.critic_tx)
+            self.critic = self._new_state(self.critic.params, self.critic_tx)
             self.reference = _copy(self.policy.params)
 
     def _exit_stage(self, stage: str) -> None:
         if stage == "sft":  # The fine-tuned weights become the policy, with PPO's optimiser.
-            self.policy = steps.TrainState.create(_copy(self.sft_state.params), self.actor_tx)
+            self.policy = self._new_state(_copy(self.sft_state.params), self.actor_tx)
             self.reference = _copy(self.sft_state.params)
 
     def total_steps(self, stage: str) -> int:
@@ -681,7 +714,8 @@ class Experiment:
                     if stage == "ppo" and step % c.eval.every_steps == 0:
                         self.metrics.write(step, "eval", self.evaluate(step))
                     row = self.metrics.write(step, stage, step_fn(step))
-                    progress.update(step, row, keys[stage])
+                    if jax.process_index() == 0:
+                        progress.update(step, row, keys[stage])
                     last = step + 1 == total
                     if last:
                         self._exit_stage(stage)
@@ -705,6 +739,13 @@ class Experiment:
                         return
                 if stage == "ppo" and start < total:
                     self.metrics.write(total, "eval", self.evaluate(total))
+            checksum = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(self.policy.params))
+            print(
+                f"process {jax.process_index()}/{jax.process_count()}: done; policy parameter "
+                f"checksum {checksum:.6e}",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.checkpointer.close()
@@ -714,7 +755,17 @@ class Experiment:
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
     validate_config(config)
     if config.distributed:
-        jax.distributed.initialize()
+        # Explicit settings from the environment when given (e.g. two processes on one machine);
+        # otherwise JAX detects the cluster (SLURM, TPU pods, ...).
+        env = os.environ
+        kwargs = {}
+        if "VCPPO_COORDINATOR" in env:
+            kwargs = dict(
+                coordinator_address=env["VCPPO_COORDINATOR"],
+                num_processes=int(env["VCPPO_NUM_PROCESSES"]),
+                process_id=int(env["VCPPO_PROCESS_ID"]),
+            )
+        jax.distributed.initialize(**kwargs)
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
