@@ -30,7 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
-from vcppo_jax import models, rewards, sampling, sharding, steps
+from vcppo_jax import rewards, sampling, sharding, steps
 from vcppo_jax.checkpoint import Checkpointer
 from vcppo_jax.config_validation import validate_config
 from vcppo_jax.data.synthetic import AdditionTask, sft_examples
