@@ -1,0 +1,109 @@
+"""Per-device memory plan for a config, from shapes alone (``jax.eval_shape``; nothing is
+allocated, no device of that size is needed).
+
+    python -m experiments.memory_plan --config=configs/vcppo.py:qwen2.5-32b --devices 256
+
+Counts, per device, under the config's mesh and logical-axis rules: policy, critic and
+reference parameters; both optimiser states (as optax creates them); the KV cache of one
+rollout batch; and the activations kept for the backward pass with per-layer remat (one
+``[B, T, E]`` residual per layer plus one layer's working set). The model shape is
+Qwen2.5-32B's (64 layers, hidden 5120, MLP 27648, 40 heads / 8 KV heads, vocabulary 152,064)
+when the config names no smaller model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import numpy as np
+from ml_collections import config_flags  # noqa: F401  (flag type below)
+
+from vcppo_jax import models, sharding, steps
+from vcppo_jax.models import ModelConfig
+
+QWEN25_32B = ModelConfig(
+    vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
+    num_kv_heads=8, qkv_bias=True, rope_theta=1e6, model_type="qwen2", param_dtype="bfloat16",
+    dtype="bfloat16", remat="full", max_position_embeddings=32768,
+)
+
+
+def shard_bytes(tree, specs, mesh_shape: dict[str, int], rules) -> int:
+    """Bytes on one device: each leaf's dimensions divided by the mesh axes its spec names."""
+    total = 0
+    leaves = jax.tree.leaves(tree)
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: x is None or hasattr(x, "index"))
+    for leaf, spec in zip(leaves, spec_leaves, strict=True):
+        pspec = sharding.logical_to_spec(tuple(spec) if spec is not None else None, rules)
+        n = int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+        for axes in pspec:
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else axes
+            n //= math.prod(mesh_shape[a] for a in axes)
+        total += n
+    return total
+
+
+def plan(config, devices: int) -> dict[str, float]:
+    mcfg = QWEN25_32B
+    mesh_shape = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    out = {}
+    tx = steps.make_optimizer(1e-6)
+    for head, name in (("lm", "policy"), ("value", "critic")):
+        shapes, specs = models.abstract_params(mcfg, head)
+        out[f"{name} parameters"] = shard_bytes(shapes, specs, mesh_shape, rules)
+        opt = jax.eval_shape(tx.init, shapes)
+        # Optimiser moments mirror the parameters' shapes and shardings.
+        out[f"{name} optimiser state"] = sum(
+            shard_bytes(moment, specs, mesh_shape, rules)
+            for moment in (opt[1][0].mu, opt[1][0].nu)
+        )
+    out["reference parameters"] = out["policy parameters"]
+    batch_axes = dict(rules).get("batch") or ()
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    batch_shards = math.prod(mesh_shape[a] for a in batch_axes)
+    b = max(1, config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+            // batch_shards)
+    t = 1024 + config.rollout.max_new_tokens  # Prompt budget + response.
+    kv_shards = mesh_shape["tensor"] if mcfg.num_kv_heads % mesh_shape["tensor"] == 0 else 1
+    out["KV cache (one rollout batch)"] = (
+        2 * mcfg.num_layers * b * t * mcfg.num_kv_heads * mcfg.head_size * 2 // kv_shards
+    )
+    mb = max(1, b // config.ppo.minibatches)
+    e = mcfg.hidden_size
+    out["activations (per-layer remat, one minibatch)"] = (
+        mcfg.num_layers * mb * t * e * 2  # Residual stream kept at each layer boundary.
+        + mb * t * (4 * e + 3 * mcfg.intermediate_size // mesh_shape["tensor"]) * 2
+    )
+    out["_mesh"] = mesh_shape
+    out["_per_device_batch"] = b
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/vcppo.py:qwen2.5-32b")
+    parser.add_argument("--devices", type=int, default=256)
+    args = parser.parse_args()
+    path, _, arg = args.config.partition(":")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    result = plan(config, args.devices)
+    print(f"mesh {result.pop('_mesh')}, {result.pop('_per_device_batch')} sequences per device")
+    total = 0
+    for k, v in result.items():
+        total += v
+        print(f"  {k:48s} {v / 2**30:8.2f} GiB")
+    print(f"  {'total per device':48s} {total / 2**30:8.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
