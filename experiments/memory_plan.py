@@ -18,15 +18,24 @@ import math
 
 import jax
 import numpy as np
-from ml_collections import config_flags  # noqa: F401  (flag type below)
 
 from vcppo_jax import models, sharding, steps
 from vcppo_jax.models import ModelConfig
 
 QWEN25_32B = ModelConfig(
-    vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
-    num_kv_heads=8, qkv_bias=True, rope_theta=1e6, model_type="qwen2", param_dtype="bfloat16",
-    dtype="bfloat16", remat="full", max_position_embeddings=32768,
+    vocab_size=152064,
+    hidden_size=5120,
+    intermediate_size=27648,
+    num_layers=64,
+    num_heads=40,
+    num_kv_heads=8,
+    qkv_bias=True,
+    rope_theta=1e6,
+    model_type="qwen2",
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+    remat="full",
+    max_position_embeddings=32768,
 )
 
 
@@ -59,15 +68,13 @@ def plan(config, devices: int) -> dict[str, float]:
         opt = jax.eval_shape(tx.init, shapes)
         # Optimiser moments mirror the parameters' shapes and shardings.
         out[f"{name} optimiser state"] = sum(
-            shard_bytes(moment, specs, mesh_shape, rules)
-            for moment in (opt[1][0].mu, opt[1][0].nu)
+            shard_bytes(moment, specs, mesh_shape, rules) for moment in (opt[1][0].mu, opt[1][0].nu)
         )
     out["reference parameters"] = out["policy parameters"]
     batch_axes = dict(rules).get("batch") or ()
     batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
     batch_shards = math.prod(mesh_shape[a] for a in batch_axes)
-    b = max(1, config.rollout.prompts_per_step * config.rollout.samples_per_prompt
-            // batch_shards)
+    b = max(1, config.rollout.prompts_per_step * config.rollout.samples_per_prompt // batch_shards)
     t = 1024 + config.rollout.max_new_tokens  # Prompt budget + response.
     kv_shards = mesh_shape["tensor"] if mcfg.num_kv_heads % mesh_shape["tensor"] == 0 else 1
     out["KV cache (one rollout batch)"] = (
