@@ -47,6 +47,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.digits = 2  # Difficulty of each step.
     c.data.direct_fraction = 0.3  # Share of SFT demonstrations that take the short route.
     c.data.tokenizer_vocab_size = 48
+    # data.task = "math": a real prompt set with model.hf_path (its tokenizer.json is used).
+    c.data.train_files = ""  # Comma-separated .jsonl / .parquet files of {problem, answer}.
+    c.data.eval_files = ""  # Held-out set; default: the training files.
+    c.data.tfds_dir = config_dict.placeholder(str)  # Default: WORKDIR/tfds.
+    c.data.prompt_template = (
+        "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
 
     # Supervised fine-tuning of the policy (skipped when model.hf_path is set).
     c.sft = ml_collections.ConfigDict()
@@ -77,6 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.incorrect = -1.0
     c.reward.overlong_buffer = 0  # DAPO soft overlong penalty window in tokens; 0 = off.
     c.reward.overlong_penalty = 1.0
+    c.reward.verifier_workers = 2  # math-verify worker processes (data.task = "math").
+    c.reward.verifier_timeout_s = 5.0  # Per answer; a hang scores as incorrect and is counted.
 
     # Decoupled GAE (VC-PPO section 4.2) and VAPO's length-adaptive actor lambda.
     c.gae = ml_collections.ConfigDict()
@@ -122,6 +131,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.value_pretrain.enabled = True
     c.value_pretrain.steps = 100
     c.value_pretrain.lambda_ = 1.0
+    # Where value pretraining starts: "policy" (the SFT policy's backbone, fresh value head),
+    # "reward_model" (as in the paper) or "random".
+    c.value_pretrain.init = "policy"
 
     # Evaluation, logging, checkpoints.
     c.eval = ml_collections.ConfigDict()

@@ -191,3 +191,60 @@ def test_one_device_eight_devices_and_two_processes_agree(full_run, tmp_path):
     assert sums[0] == sums[1]  # The two processes hold the same policy.
     assert abs(sums[0] - _checksum(out8.stderr)) <= 1e-4 * abs(sums[0])
     close(comparable(rows(wd2)))
+
+
+def test_math_prompt_set_from_a_pretrained_checkpoint(tmp_path):
+    """data.task='math': a HF model directory (weights + tokenizer.json), prompts from JSONL
+    through the TFDS builder, math-verify rewards; SFT and the synthetic reward model skipped;
+    the prompt iterator's position is saved and restored."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.hf_fixtures import COMMON
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model_dir = tmp_path / "model"
+    problems = [
+        {"problem": f"Compute {a} times {b}.", "answer": str(a * b)}
+        for a in range(2, 9)
+        for b in range(3, 7)
+    ]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        [p["problem"] + " \\boxed{" + p["answer"] + "}" for p in problems] * 3,
+        trainers.BpeTrainer(
+            vocab_size=100,
+            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    model = Qwen2ForCausalLM(Qwen2Config(**{**COMMON, "vocab_size": tok.get_vocab_size()}))
+    model.save_pretrained(str(model_dir))
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    )
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(p) for p in problems) + "\n")
+    flags = [
+        "--config.data.task=math",
+        f"--config.model.hf_path={model_dir}",
+        f"--config.data.train_files={data}",
+        "--config.eval.num_prompts=4",
+        "--config.rollout.max_new_tokens=8",
+        "--config.data.prompt_template={prompt}",
+    ]
+    wd = str(tmp_path / "run")
+    first = run_main(wd, *flags, "--config.stop_after_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = run_main(wd, *flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rs = rows(wd)
+    assert [r["stage"] for r in rs if r["stage"] != "eval"] == ["value_pretrain"] * 3 + ["ppo"] * 3
+    ppo = [r for r in rs if r["stage"] == "ppo"]
+    assert "reward/verifier_timeouts" in ppo[0] and "rollout/accuracy" in ppo[0]
+    ref = str(tmp_path / "ref")
+    whole = run_main(ref, *flags)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert comparable(rows(wd)) == comparable(rows(ref))  # Iterator position restored.

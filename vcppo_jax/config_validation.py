@@ -159,6 +159,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     vp_enabled = check("value_pretrain.enabled", lambda x: isinstance(x, bool), "True or False")
     check("value_pretrain.steps", non_negative_int, "an integer >= 0")
     check("value_pretrain.lambda_", unit, "a number in [0, 1]")
+    check("value_pretrain.init", *one_of(("policy", "reward_model", "random")))
     if init == "value_pretrain" and vp_enabled is False:
         problems.append(
             "critic.init='value_pretrain': needs value_pretrain.enabled=True (or choose "
@@ -166,7 +167,23 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
 
     # Data and the supervised stages.
-    check("data.task", *one_of(("addition",)))
+    task = check("data.task", *one_of(("addition", "math")))
+    if task == "math":
+        if not _get(config, "model.hf_path"):
+            problems.append("data.task='math': needs model.hf_path (a pretrained HF model dir)")
+        if not _get(config, "data.train_files"):
+            problems.append("data.task='math': needs data.train_files (.jsonl / .parquet files)")
+    check(
+        "data.prompt_template",
+        lambda x: isinstance(x, str) and "{prompt}" in x,
+        "a string containing '{prompt}'",
+    )
+    check("reward.verifier_workers", positive_int, "an integer >= 1")
+    check(
+        "reward.verifier_timeout_s",
+        number_in(0.0, math.inf, lo_open=True),
+        "a positive number of seconds",
+    )
     check("data.num_terms", lambda x: positive_int(x) and x >= 2, "an integer >= 2")
     check("data.digits", lambda x: positive_int(x) and x <= 6, "an integer in [1, 6]")
     check("data.direct_fraction", unit, "a number in [0, 1]")

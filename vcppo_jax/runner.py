@@ -36,7 +36,9 @@ from vcppo_jax.config_validation import validate_config
 from vcppo_jax.data.synthetic import AdditionTask, sft_examples
 from vcppo_jax.metrics import MetricsWriter, Progress
 from vcppo_jax.models import ModelConfig
-from vcppo_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from vcppo_jax.data.sources import MathSource, SyntheticSource
+from vcppo_jax.models import hf
+from vcppo_jax.tokenizer import check_vocab
 
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
 EVAL_SEED_OFFSET = 1_000_003  # Held-out prompts come from a disjoint seed stream.
@@ -57,6 +59,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "data.num_terms",
         "data.digits",
         "data.tokenizer_vocab_size",
+        "data.train_files",
     ]
     out = {}
     for k in keys:
@@ -100,7 +103,8 @@ class Experiment:
         batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
         self._batch_shards = int(np.prod([self.mesh.shape[a] for a in batch_axes]))
         self.task = AdditionTask(config.data.num_terms, config.data.digits)
-        self.tokenizer = self._tokenizer()
+        self.source = self._source()
+        self.tokenizer = self.source.tokenizer
         self.model_config = self._model_config()
         self.metrics = MetricsWriter(workdir, process_index=jax.process_index())
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -122,32 +126,33 @@ class Experiment:
     # Set-up.
     # ------------------------------------------------------------------------------------------
 
-    def _tokenizer(self) -> Tokenizer:
-        cfg = self.config
-        path = os.path.join(self.workdir, "tokenizer", "spm.model")
-        if not os.path.exists(path) and jax.process_index() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp_prefix = os.path.join(os.path.dirname(path), f"tmp{os.getpid()}")
-            train_sentencepiece(
-                self.task.corpus(2000, cfg.seed),
-                tmp_prefix,
-                cfg.data.tokenizer_vocab_size,
-                user_defined_symbols=["Answer:", "Add:"],
-            )
-            os.replace(tmp_prefix + ".model", path)
-            os.replace(tmp_prefix + ".vocab", path[: -len(".model")] + ".vocab")
-        if jax.process_count() > 1:  # The others wait for process 0's tokenizer.
-            multihost_utils.sync_global_devices("tokenizer")
-        # Prompts end with "=": the response starts right after it.
-        return load_tokenizer(path, prompt_template="{prompt}", add_bos=True)
+    def _source(self):
+        c = self.config
+        if c.data.task == "addition":
+            return SyntheticSource(self.task, self.workdir, c.seed, c.data.tokenizer_vocab_size)
+        if not c.model.hf_path:
+            raise ValueError("data.task='math' needs model.hf_path (a pretrained HF model)")
+        split = lambda v: [f for f in (v or "").split(",") if f]
+        return MathSource(
+            train_files=split(c.data.train_files),
+            eval_files=split(c.data.eval_files),
+            tfds_dir=c.data.tfds_dir or os.path.join(self.workdir, "tfds"),
+            tokenizer_path=c.model.hf_path,
+            prompt_template=c.data.prompt_template,
+            batch_size=c.rollout.prompts_per_step,
+            seed=c.seed,
+            verifier_workers=c.reward.verifier_workers,
+            verifier_timeout_s=c.reward.verifier_timeout_s,
+        )
 
     def _model_config(self) -> ModelConfig:
         m = self.config.model
         if m.hf_path:
-            raise NotImplementedError(
-                "model.hf_path: runs from pretrained checkpoints need a math prompt set; this "
-                "version runs the synthetic task from scratch"
+            self._hf_config, self._hf_params = hf.load_checkpoint(
+                m.hf_path, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat
             )
+            check_vocab(self.tokenizer, self._hf_config)
+            return self._hf_config
         vocab = int(np.ceil(self.tokenizer.vocab_size / 8) * 8)
         return ModelConfig(
             vocab_size=vocab,
@@ -168,9 +173,18 @@ class Experiment:
     def _stages(self) -> list[str]:
         c = self.config
         stages = []
-        if c.sft.steps > 0:
+        if c.model.hf_path and "reward_model" in (c.critic.init, c.value_pretrain.init):
+            raise ValueError(
+                "a reward-model critic is trained on the synthetic task only; with "
+                "model.hf_path choose critic.init / value_pretrain.init 'policy'"
+            )
+        if c.sft.steps > 0 and not c.model.hf_path:  # A pretrained policy skips SFT.
             stages.append("sft")
-        if c.critic.init == "reward_model" and c.gae.estimator == "gae":
+        vp = c.value_pretrain.enabled and c.gae.estimator == "gae"
+        needs_rm = c.critic.init == "reward_model" or (
+            vp and c.value_pretrain.init == "reward_model"
+        )
+        if needs_rm and c.gae.estimator == "gae":
             stages.append("reward_model")
         if c.value_pretrain.enabled and c.gae.estimator == "gae":
             stages.append("value_pretrain")
@@ -183,7 +197,13 @@ class Experiment:
         init = lambda key, head: sharding.init_sharded(
             self.model_config, key, self.mesh, self.rules, head
         )[0]
-        policy_params = init(k_pol, "lm")
+        if self.config.model.hf_path:
+            policy_params = sharding.shard_params(
+                self._hf_params, self.model_config, self.mesh, self.rules, "lm"
+            )[0]
+            del self._hf_params
+        else:
+            policy_params = init(k_pol, "lm")
         self.sft_tx = steps.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
         self.actor_tx = steps.make_optimizer(
             c.actor.learning_rate,
@@ -266,6 +286,7 @@ class Experiment:
             "stage": self.stages[stage_index] if stage_index < len(self.stages) else "done",
             "stages": self.stages,
             "fingerprint": fingerprint(self.config),
+            "data": self.source.state(),
         }
         self._ckpt_step += 1
         self.checkpointer.save(self._ckpt_step, self._state_tree(), meta, force=force)
@@ -282,6 +303,7 @@ class Experiment:
                 f"{self.stages}; use a new --workdir"
             )
         self._load_state_tree(tree)
+        self.source.restore(meta.get("data", {}))
         self._truncate_metrics(meta["stage_index"], meta["stage_step"])
         print(
             f"resumed from checkpoint {self._ckpt_step}: stage {meta['stage']}, "
@@ -343,9 +365,7 @@ class Experiment:
         seconds = time.time() - t0
         mask = self._host(out.response_mask)
         texts = tok.decode_batch(self._host(out.response_tokens), mask)
-        correct = np.array(
-            [rewards.exact_match(t, p.answer) for t, p in zip(texts, problems, strict=True)]
-        )
+        correct, check_info = self.source.check(texts, problems)
         batch = Batch(
             out.tokens,
             sampling.response_positions(out),
@@ -357,6 +377,7 @@ class Experiment:
         info = {
             "perf/sample_seconds": seconds,
             "perf/sample_tokens_per_s": gen / max(seconds, 1e-9),
+            **check_info,
         }
         return batch, info, correct
 
@@ -434,7 +455,7 @@ class Experiment:
 
     def _problems(self, rng: np.random.Generator):
         c = self.config
-        problems = self.task.problems(c.rollout.prompts_per_step, int(rng.integers(2**31)))
+        problems = self.source.train_problems(c.rollout.prompts_per_step, rng)
         return [p for p in problems for _ in range(c.rollout.samples_per_prompt)]
 
     def run_value_pretrain_step(self, step: int) -> dict:
@@ -629,7 +650,7 @@ class Experiment:
 
     def evaluate(self, step: int) -> dict:
         c = self.config
-        problems = self.task.problems(c.eval.num_prompts, c.seed + EVAL_SEED_OFFSET)
+        problems = self.source.eval_problems(c.eval.num_prompts)
         key = jax.random.fold_in(self.key, EVAL_SEED_OFFSET + step)
         greedy, _, g_correct = self._rollout(self.policy.params, problems, key, self.greedy_params)
         k = c.eval.num_samples
@@ -653,9 +674,12 @@ class Experiment:
         c = self.config
         first_critic_stage = "value_pretrain" if "value_pretrain" in self.stages else "ppo"
         if stage == first_critic_stage and c.gae.estimator == "gae":
-            if c.critic.init == "reward_model":
+            # Value pretraining starts from value_pretrain.init; without it, PPO's critic
+            # starts from critic.init.
+            start = c.value_pretrain.init if stage == "value_pretrain" else c.critic.init
+            if start == "reward_model":
                 self.critic = self._new_state(_copy(self.reward_model.params), self.critic_tx)
-            elif c.critic.init == "policy":  # The policy's backbone with a fresh value head.
+            elif start == "policy":  # The policy's backbone with a fresh value head.
                 params = dict(self.critic.params)
                 params["decoder"] = _copy(self.policy.params["decoder"])
                 self.critic = self._new_state(params, self.critic_tx)
@@ -750,6 +774,7 @@ class Experiment:
             signal.signal(signal.SIGTERM, previous)
             self.checkpointer.close()
             self.metrics.close()
+            self.source.close()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
