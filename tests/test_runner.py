@@ -198,9 +198,9 @@ def test_math_prompt_set_from_a_pretrained_checkpoint(tmp_path):
     through the TFDS builder, math-verify rewards; SFT and the synthetic reward model skipped;
     the prompt iterator's position is saved and restored."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tests.hf_fixtures import COMMON
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     model_dir = tmp_path / "model"
     problems = [

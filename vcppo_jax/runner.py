@@ -33,11 +33,10 @@ from vcppo_jax import advantages as adv_lib
 from vcppo_jax import rewards, sampling, sharding, steps
 from vcppo_jax.checkpoint import Checkpointer
 from vcppo_jax.config_validation import validate_config
+from vcppo_jax.data.sources import MathSource, SyntheticSource
 from vcppo_jax.data.synthetic import AdditionTask, sft_examples
 from vcppo_jax.metrics import MetricsWriter, Progress
-from vcppo_jax.models import ModelConfig
-from vcppo_jax.data.sources import MathSource, SyntheticSource
-from vcppo_jax.models import hf
+from vcppo_jax.models import ModelConfig, hf
 from vcppo_jax.tokenizer import check_vocab
 
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
