@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.incorrect = -1.0
     c.reward.overlong_buffer = 0  # DAPO soft overlong penalty window in tokens; 0 = off.
     c.reward.overlong_penalty = 1.0
+    c.reward.format_penalty = 0.0  # Subtracted when no answer can be extracted.
     c.reward.verifier_workers = 2  # math-verify worker processes (data.task = "math").
     c.reward.verifier_timeout_s = 5.0  # Per answer; a hang scores as incorrect and is counted.
 

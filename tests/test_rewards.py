@@ -94,3 +94,14 @@ def test_math_verify_latex_equivalence():
         assert res.correct.tolist() == [True, True, False]
     finally:
         v.close()
+
+
+def test_format_penalty_only_where_no_answer():
+    mask = np.ones((3, 4), np.float32)
+    r = rewards.terminal_rewards(
+        np.array([True, False, False]),
+        mask,
+        has_answer=np.array([True, True, False]),
+        format_penalty=0.5,
+    )
+    np.testing.assert_allclose(r[:, -1], [1.0, -1.0, -1.5])

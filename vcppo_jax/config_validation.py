@@ -148,6 +148,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     check("reward.incorrect", _is_number, "a finite number")
     check("reward.overlong_buffer", non_negative_int, "an integer >= 0 (0 = off)")
     check("reward.overlong_penalty", non_negative, "a number >= 0")
+    check("reward.format_penalty", non_negative, "a number >= 0")
 
     # Optimisers and critic initialisation.
     for who in ("actor", "critic"):

@@ -133,12 +133,15 @@ def terminal_rewards(
     max_length: int | None = None,
     overlong_buffer: int = 0,
     overlong_penalty: float = 1.0,
+    has_answer: np.ndarray | None = None,
+    format_penalty: float = 0.0,
 ) -> np.ndarray:
     """``[B, T]`` float32 rewards: +1 / -1 on the last real token, 0 elsewhere.
 
     DAPO's soft overlong penalty (``overlong_buffer`` > 0): responses longer than
     ``max_length - overlong_buffer`` lose up to ``overlong_penalty`` linearly, reaching it at
-    ``max_length``. Rows with no response tokens get no reward.
+    ``max_length``. ``format_penalty`` is subtracted where ``has_answer`` is False (no answer
+    could be extracted). Rows with no response tokens get no reward.
     """
     mask = np.asarray(response_mask) > 0
     lengths = mask.sum(axis=1)
@@ -149,6 +152,8 @@ def terminal_rewards(
         start = max_length - overlong_buffer
         over = np.clip((lengths - start) / overlong_buffer, 0.0, 1.0)
         score = score - overlong_penalty * over.astype(np.float32)
+    if format_penalty and has_answer is not None:
+        score = score - format_penalty * (~np.asarray(has_answer, bool)).astype(np.float32)
     rewards = np.zeros(mask.shape, np.float32)
     rows = np.nonzero(lengths > 0)[0]
     rewards[rows, lengths[rows] - 1] = score[rows]

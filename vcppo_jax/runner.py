@@ -78,6 +78,23 @@ class Batch:
     mask: jax.Array  # [B, N] float32
     lengths: np.ndarray  # [B] response lengths
     sampler_logprobs: jax.Array | None = None  # [B, N], from the sampler, when sampled
+    has_answer: np.ndarray | None = None  # [B] bool: an answer could be extracted
+    direct: np.ndarray | None = None  # [B] bool: the short route (answer with no steps)
+
+
+def _is_direct(text: str) -> bool:
+    """A response that states the answer without writing any step (the short route)."""
+    return text.strip().startswith("Answer:")
+
+
+def _route_metrics(prefix: str, direct: np.ndarray, correct: np.ndarray) -> dict:
+    """Share of short-route answers and the accuracy of each route (NaN-free: -1 if unused)."""
+    acc = lambda sel: float(correct[sel].mean()) if sel.any() else -1.0
+    return {
+        f"{prefix}/direct_fraction": float(direct.mean()),
+        f"{prefix}/accuracy_direct_route": acc(direct),
+        f"{prefix}/accuracy_written_route": acc(~direct),
+    }
 
 
 def _copy(tree):
@@ -371,6 +388,8 @@ class Experiment:
             out.response_mask,
             mask.sum(1).astype(int),
             out.response_logprobs,
+            np.array([rewards.extract_answer(t) is not None for t in texts]),
+            np.array([_is_direct(t) for t in texts]),
         )
         gen = float(mask.sum())
         info = {
@@ -444,6 +463,8 @@ class Experiment:
             max_length=c.rollout.max_new_tokens,
             overlong_buffer=c.reward.overlong_buffer,
             overlong_penalty=c.reward.overlong_penalty,
+            has_answer=batch.has_answer,
+            format_penalty=c.reward.format_penalty,
         )
 
     def _minibatches(self, n: int, rng: np.random.Generator):
@@ -502,6 +523,8 @@ class Experiment:
             "rollout/truncated_fraction": float(
                 np.mean(lengths >= self.config.rollout.max_new_tokens)
             ),
+            "rollout/no_answer_fraction": float(np.mean(~batch.has_answer)),
+            **_route_metrics("rollout", batch.direct, correct),
         }
 
     def _grpo_advantages(self, r: np.ndarray, mask) -> jax.Array:
@@ -662,6 +685,7 @@ class Experiment:
             "eval/accuracy_sampled": float(s.mean()),
             f"eval/pass_at_{k}": float(s.any(1).mean()),
             "eval/response_length_sampled": float(np.mean(sampled.lengths)),
+            **_route_metrics("eval", sampled.direct, s_correct),
         }
 
     # ------------------------------------------------------------------------------------------
