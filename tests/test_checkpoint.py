@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vcppo_jax.checkpoint import CheckpointMismatchError, Checkpointer
+from vcppo_jax.checkpoint import Checkpointer, CheckpointMismatchError
 
 
 def test_half_written_checkpoint_is_skipped_and_mismatch_refused(tmp_path):
