@@ -27,10 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.variant = ""
 
-    # Policy / critic model (architectures and loading: vcppo_jax.models).
+    # Policy / critic model (architectures and loading: vcppo_jax.models). The vocabulary comes
+    # from the tokenizer (synthetic task) or from the checkpoint (model.hf_path).
     c.model = ml_collections.ConfigDict()
     c.model.hf_path = config_dict.placeholder(str)  # A HF Llama/Qwen2 directory, or None.
-    c.model.vocab_size = 512
     c.model.hidden_size = 64
     c.model.num_layers = 3
     c.model.num_heads = 4
@@ -188,7 +188,6 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.critic.learning_rate = 3e-4
     elif variant == "small":  # One GPU.
         c.model.update(
-            vocab_size=2048,
             hidden_size=512,
             num_layers=8,
             num_heads=8,

@@ -197,7 +197,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
     # Model.
     for field in (
-        "vocab_size",
         "hidden_size",
         "num_layers",
         "num_heads",
