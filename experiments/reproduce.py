@@ -1,0 +1,294 @@
+"""The paper's study in miniature: PPO's collapse vs VC-PPO, the ablations, the lambda sweep.
+
+    python -m experiments.reproduce --out workdirs/study [--quick] [--seeds 0,1,2]
+        [--methods ppo,vcppo,...] [--variant tiny] [--dry_run]
+
+Every run is an ordinary ``python -m vcppo_jax.main`` run with its own workdir
+(``OUT/METHOD/seed_N``), so any run can be resumed or inspected alone; finished runs are not
+repeated. Every method starts from the same SFT policy for a given seed (SFT is deterministic
+given the seed and shared settings) and shares every hyper-parameter except the flags that
+define it. Then writes ``OUT/summary.json``, ``OUT/ablation.md`` and the figures
+(``OUT/figures/*.png``).
+
+``--quick`` runs PPO and VC-PPO with 2 seeds and a shorter PPO stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from vcppo_jax.metrics import read_metrics
+
+VCPPO = "configs/vcppo.py"
+PPO = "configs/ppo.py"
+
+# name -> (config file, flag overrides, description)
+METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "ppo": (PPO, (), "PPO (critic from reward model, lambda 0.95 / 0.95)"),
+    "vcppo": (VCPPO, (), "VC-PPO (value pretraining, lambda_actor 0.95, lambda_critic 1.0)"),
+    "vp_only": (
+        VCPPO,
+        ("--config.gae.lambda_critic=0.95",),
+        "value pretraining only (lambda 0.95 / 0.95)",
+    ),
+    "decoupled_only": (
+        PPO,
+        ("--config.gae.lambda_critic=1.0",),
+        "decoupled GAE only (critic from reward model, no pretraining)",
+    ),
+    "lambda_actor_0.9": (VCPPO, ("--config.gae.lambda_actor=0.9",), "VC-PPO, lambda_actor 0.9"),
+    "lambda_actor_0.99": (VCPPO, ("--config.gae.lambda_actor=0.99",), "VC-PPO, lambda_actor 0.99"),
+    "lambda_actor_1.0": (VCPPO, ("--config.gae.lambda_actor=1.0",), "VC-PPO, lambda_actor 1.0"),
+    "vp_steps_5": (VCPPO, ("--config.value_pretrain.steps=5",), "VC-PPO, 5 pretraining steps"),
+    "vp_steps_120": (
+        VCPPO,
+        ("--config.value_pretrain.steps=120",),
+        "VC-PPO, 120 pretraining steps",
+    ),
+    "grpo": (
+        VCPPO,
+        (
+            "--config.gae.estimator=grpo",
+            "--config.rollout.samples_per_prompt=4",
+            "--config.rollout.prompts_per_step=8",
+            "--config.value_pretrain.enabled=False",
+            "--config.critic.init=policy",
+        ),
+        "GRPO (group of 4, no critic)",
+    ),
+    "vapo_length_adaptive": (
+        VCPPO,
+        ("--config.gae.length_adaptive_alpha=0.05",),
+        "VC-PPO + VAPO length-adaptive lambda_actor",
+    ),
+    "dapo_clip_higher": (
+        VCPPO,
+        ("--config.ppo.eps_high=0.28", "--config.ppo.loss_agg_mode=token-mean"),
+        "VC-PPO + DAPO clip-higher (0.2 / 0.28), token-level loss",
+    ),
+}
+QUICK_METHODS = ("ppo", "vcppo")
+LAMBDA_ROWS = (
+    ("0.9", "lambda_actor_0.9"),
+    ("0.95", "vcppo"),
+    ("0.99", "lambda_actor_0.99"),
+    ("1.0", "lambda_actor_1.0"),
+)
+PAPER = {"ppo": 5.6, "vp_only": 29.4, "vcppo": 41.9, "grpo": 35.8}
+PAPER_LAMBDA = {"0.9": 34.3, "0.95": 41.3, "0.99": 41.9, "1.0": 29.4}
+
+
+def run_method(
+    out: str, method: str, seed: int, variant: str, extra: tuple[str, ...], dry_run: bool
+) -> str:
+    config, flags, _ = METHODS[method]
+    wd = os.path.join(out, method, f"seed_{seed}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "vcppo_jax.main",
+        f"--config={config}:{variant}",
+        f"--workdir={wd}",
+        f"--config.seed={seed}",
+        *flags,
+        *extra,
+    ]
+    done = os.path.join(wd, "DONE")
+    if os.path.exists(done):
+        print(f"[reproduce] {method} seed {seed}: already finished", flush=True)
+        return wd
+    print(f"[reproduce] {method} seed {seed}: {' '.join(cmd)}", flush=True)
+    if dry_run:
+        return wd
+    t0 = time.time()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(done, "w") as f:
+        f.write(f"{time.time() - t0:.0f} s\n")
+    return wd
+
+
+def summarise_run(wd: str) -> dict:
+    rows = read_metrics(wd)
+    evals = [r for r in rows if r["stage"] == "eval"]
+    if not evals:
+        raise RuntimeError(f"{wd}: no evaluation rows")
+    return {
+        "initial_response_length": evals[0]["eval/response_length"],
+        "final_response_length": evals[-1]["eval/response_length"],
+        "initial_accuracy": evals[0]["eval/accuracy"],
+        "final_accuracy": evals[-1]["eval/accuracy"],
+        "best_accuracy": max(r["eval/accuracy"] for r in evals),
+    }
+
+
+def _mean_std(values) -> str:
+    v = 100 * np.asarray(values, float)
+    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+
+
+def write_tables(summary: dict, out: str, seeds) -> str:
+    lines = [
+        f"Held-out greedy accuracy (%) on the miniature task, mean ± std over seeds "
+        f"{list(seeds)}; the paper's AIME 2024 pass@1 (8K context) beside it.",
+        "",
+        "| method | initial | final | best | final length | paper |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for method, per_seed in summary.items():
+        runs = list(per_seed.values())
+        length = np.mean([r["final_response_length"] for r in runs])
+        lines.append(
+            f"| {METHODS[method][2]} | {_mean_std([r['initial_accuracy'] for r in runs])} | "
+            f"{_mean_std([r['final_accuracy'] for r in runs])} | "
+            f"{_mean_std([r['best_accuracy'] for r in runs])} | {length:.1f} | "
+            f"{PAPER.get(method, '')} |"
+        )
+    if any(m in summary for _, m in LAMBDA_ROWS[:1] + LAMBDA_ROWS[2:]):
+        lines += [
+            "",
+            "| lambda_actor (lambda_critic 1.0) | final accuracy | paper |",
+            "| --- | --- | --- |",
+        ]
+        for lam, m in LAMBDA_ROWS:
+            if m in summary:
+                acc = _mean_std([r["final_accuracy"] for r in summary[m].values()])
+                lines.append(f"| {lam} | {acc} | {PAPER_LAMBDA[lam]} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    written = []
+
+    def mean_curve(wds, stage, key):
+        curves = []
+        for wd in wds:
+            pts = {r["step"]: r[key] for r in read_metrics(wd) if r["stage"] == stage and key in r}
+            curves.append(pts)
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        return steps, [np.mean([c[s] for c in curves]) for s in steps]
+
+    for key, stage, title, fname in (
+        ("rollout/response_length_mean", "ppo", "response length (tokens)", "response_length.png"),
+        ("eval/accuracy", "eval", "held-out accuracy (greedy)", "eval_accuracy.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, wds in runs.items():
+            x, y = mean_curve(wds, stage, key)
+            ax.plot(x, y, label=method, marker="." if len(x) < 20 else None)
+        ax.set_xlabel("PPO step")
+        ax.set_title(f"{title}, mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(fig_dir, fname)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method, wds in runs.items():
+        profs = []
+        for wd in wds:
+            p = os.path.join(wd, "position_profile.json")
+            if os.path.exists(p):
+                with open(p) as f:
+                    profs.append(json.load(f))
+        if not profs:
+            continue
+        for ax, key in zip(axes, ("value", "advantage"), strict=True):
+            n = min(len(p[key]) for p in profs)
+            ys = [
+                np.mean([p[key][i] for p in profs if p[key][i] is not None] or [np.nan])
+                for i in range(n)
+            ]
+            ax.plot(range(n), ys, label=method)
+            ax.set_title(f"{key} by token position, first PPO step")
+            ax.set_xlabel("response token position")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(fig_dir, "value_advantage_by_position.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
+    vp = {
+        m: wds
+        for m, wds in runs.items()
+        if any(r["stage"] == "value_pretrain" for r in read_metrics(wds[0]))
+    }
+    if vp:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for method, wds in vp.items():
+            for ax, key in zip(
+                axes, ("critic/value_loss", "critic/explained_variance"), strict=True
+            ):
+                x, y = mean_curve(wds, "value_pretrain", key)
+                ax.plot(x, y, label=method)
+                ax.set_title(f"value pretraining: {key.split('/')[1].replace('_', ' ')}")
+                ax.set_xlabel("value-pretraining step")
+                ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(fig_dir, "value_pretraining.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", default=None, help="comma-separated; default 0,1,2")
+    parser.add_argument("--methods", default=None, help=f"comma-separated from {list(METHODS)}")
+    parser.add_argument("--variant", default="tiny")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    args = parser.parse_args()
+
+    methods = (
+        args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)
+    )
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
+    extra = ("--config.ppo.steps=40", "--config.eval.every_steps=10") if args.quick else ()
+    os.makedirs(args.out, exist_ok=True)
+    runs = {
+        m: [run_method(args.out, m, s, args.variant, extra, args.dry_run) for s in seeds]
+        for m in methods
+    }
+    if args.dry_run:
+        return
+    summary = {
+        m: {f"seed_{s}": summarise_run(wd) for s, wd in zip(seeds, wds, strict=True)}
+        for m, wds in runs.items()
+    }
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(write_tables(summary, args.out, seeds))
+    for p in draw(args.out, runs):
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

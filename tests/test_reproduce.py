@@ -1,0 +1,96 @@
+"""The study driver: commands, summaries, tables and figures (on synthetic metric files)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from experiments import reproduce
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def fake_run(wd, acc0, acc1, len0, len1, with_vp):
+    os.makedirs(wd, exist_ok=True)
+    rows = []
+    if with_vp:
+        rows += [
+            {
+                "step": s,
+                "stage": "value_pretrain",
+                "critic/value_loss": 1 / (1 + s),
+                "critic/explained_variance": s / 10,
+            }
+            for s in range(3)
+        ]
+    rows += [{"step": 0, "stage": "eval", "eval/accuracy": acc0, "eval/response_length": len0}]
+    rows += [
+        {"step": s, "stage": "ppo", "rollout/response_length_mean": len0 + s} for s in range(4)
+    ]
+    rows += [
+        {
+            "step": 2,
+            "stage": "eval",
+            "eval/accuracy": max(acc0, acc1) + 0.05,
+            "eval/response_length": len1,
+        },
+        {"step": 4, "stage": "eval", "eval/accuracy": acc1, "eval/response_length": len1},
+    ]
+    with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(wd, "position_profile.json"), "w") as f:
+        json.dump({"value": [0.1, 0.2], "advantage": [0.0, None], "count": [2, 1]}, f)
+
+
+def test_summary_tables_and_figures(tmp_path):
+    out = str(tmp_path)
+    runs = {}
+    for method, vp in (("ppo", False), ("vcppo", True), ("lambda_actor_0.9", True)):
+        runs[method] = []
+        for seed in (0, 1):
+            wd = os.path.join(out, method, f"seed_{seed}")
+            fake_run(wd, 0.4, 0.6 + 0.1 * seed, 30.0, 20.0 + seed, vp)
+            runs[method].append(wd)
+    s = reproduce.summarise_run(runs["ppo"][1])
+    assert s == {
+        "initial_response_length": 30.0,
+        "final_response_length": 21.0,
+        "initial_accuracy": 0.4,
+        "final_accuracy": 0.7,
+        "best_accuracy": 0.75,
+    }
+    summary = {
+        m: {f"seed_{i}": reproduce.summarise_run(wd) for i, wd in enumerate(wds)}
+        for m, wds in runs.items()
+    }
+    text = reproduce.write_tables(summary, out, [0, 1])
+    assert "| 65.0 ± 5.0 |" in text and "| 5.6 |" in text  # Final accuracy; the paper's PPO.
+    assert "| 0.9 | 65.0 ± 5.0 | 34.3 |" in text
+    figs = reproduce.draw(out, runs)
+    assert sorted(os.path.basename(f) for f in figs) == [
+        "eval_accuracy.png",
+        "response_length.png",
+        "value_advantage_by_position.png",
+        "value_pretraining.png",
+    ]
+
+
+def test_dry_run_prints_one_ordinary_command_per_run(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.reproduce",
+            f"--out={tmp_path}",
+            "--quick",
+            "--dry_run",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    cmds = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line]
+    assert len(cmds) == 4  # PPO and VC-PPO, 2 seeds.
+    assert all("--config.ppo.steps=40" in c for c in cmds)
+    assert any("configs/ppo.py:tiny" in c and "seed_1" in c for c in cmds)
