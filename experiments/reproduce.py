@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from vcppo_jax import plotting
 from vcppo_jax.metrics import read_metrics
 
 VCPPO = "configs/vcppo.py"
@@ -167,90 +168,68 @@ def write_tables(summary: dict, out: str, seeds) -> str:
 
 
 def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Figures averaged over seeds: one line per method."""
     fig_dir = os.path.join(out, "figures")
     os.makedirs(fig_dir, exist_ok=True)
-    written = []
+    metrics = {m: [read_metrics(wd) for wd in wds] for m, wds in runs.items()}
 
-    def mean_curve(wds, stage, key):
-        curves = []
-        for wd in wds:
-            pts = {r["step"]: r[key] for r in read_metrics(wd) if r["stage"] == stage and key in r}
-            curves.append(pts)
+    def mean_curve(all_rows, stage, key):
+        curves = [
+            {r["step"]: r[key] for r in rows if r["stage"] == stage and key in r}
+            for rows in all_rows
+        ]
         steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        return steps, [np.mean([c[s] for c in curves]) for s in steps]
+        return steps, [float(np.mean([c[s] for c in curves])) for s in steps]
 
+    written = []
     for key, stage, title, fname in (
         ("rollout/response_length_mean", "ppo", "response length (tokens)", "response_length.png"),
         ("eval/accuracy", "eval", "held-out accuracy (greedy)", "eval_accuracy.png"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, wds in runs.items():
-            x, y = mean_curve(wds, stage, key)
-            ax.plot(x, y, label=method, marker="." if len(x) < 20 else None)
-        ax.set_xlabel("PPO step")
-        ax.set_title(f"{title}, mean over seeds")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(fig_dir, fname)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        series = {m: mean_curve(rows, stage, key) for m, rows in metrics.items()}
+        panel = (f"{title}, mean over seeds", "PPO step", series)
+        written.append(plotting.save_panels(os.path.join(fig_dir, fname), [panel], ncols=1))
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method, wds in runs.items():
-        profs = []
-        for wd in wds:
-            p = os.path.join(wd, "position_profile.json")
-            if os.path.exists(p):
-                with open(p) as f:
-                    profs.append(json.load(f))
+    def mean_profile(wds, key):
+        profs = [p for p in (plotting.load_profile(wd) for wd in wds) if p is not None]
         if not profs:
-            continue
-        for ax, key in zip(axes, ("value", "advantage"), strict=True):
-            n = min(len(p[key]) for p in profs)
-            ys = [
-                np.mean([p[key][i] for p in profs if p[key][i] is not None] or [np.nan])
-                for i in range(n)
-            ]
-            ax.plot(range(n), ys, label=method)
-            ax.set_title(f"{key} by token position, first PPO step")
-            ax.set_xlabel("response token position")
-            ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(fig_dir, "value_advantage_by_position.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+            return [], []
+        n = min(len(p[key]) for p in profs)
+        pts = [(i, [p[key][i] for p in profs if p[key][i] is not None]) for i in range(n)]
+        pts = [(i, float(np.mean(v))) for i, v in pts if v]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    panels = [
+        (
+            f"{key} by token position, first PPO step",
+            "response token position",
+            {m: mean_profile(wds, key) for m, wds in runs.items()},
+        )
+        for key in ("value", "advantage")
+    ]
+    written.append(
+        plotting.save_panels(
+            os.path.join(fig_dir, "value_advantage_by_position.png"), panels, ncols=2
+        )
+    )
 
     vp = {
-        m: wds
-        for m, wds in runs.items()
-        if any(r["stage"] == "value_pretrain" for r in read_metrics(wds[0]))
+        m: rows
+        for m, rows in metrics.items()
+        if any(r["stage"] == "value_pretrain" for r in rows[0])
     }
     if vp:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for method, wds in vp.items():
-            for ax, key in zip(
-                axes, ("critic/value_loss", "critic/explained_variance"), strict=True
-            ):
-                x, y = mean_curve(wds, "value_pretrain", key)
-                ax.plot(x, y, label=method)
-                ax.set_title(f"value pretraining: {key.split('/')[1].replace('_', ' ')}")
-                ax.set_xlabel("value-pretraining step")
-                ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(fig_dir, "value_pretraining.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        panels = [
+            (
+                plotting.vp_title(key),
+                "value-pretraining step",
+                {m: mean_curve(rows, "value_pretrain", key) for m, rows in vp.items()},
+            )
+            for key in plotting.VP_KEYS
+        ]
+        written.append(
+            plotting.save_panels(os.path.join(fig_dir, "value_pretraining.png"), panels, ncols=2)
+        )
     return written
 
 

@@ -39,73 +39,85 @@ def _series(rows, stage: str, key: str):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+Series = dict[str, tuple[list, list]]  # label -> (x, y)
+
+
+def save_panels(path: str, panels: list[tuple[str, str, Series]], ncols: int) -> str:
+    """One figure of line panels ``(title, xlabel, {label: (x, y)})``, legend on the first."""
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    for ax, (title, xlabel, series) in zip(axes.flat, panels, strict=False):
+        for label, (x, y) in series.items():
+            if len(x):
+                ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def load_profile(path: str) -> dict | None:
+    """The run's position_profile.json (value / advantage by position), if it has one."""
+    wd = path if os.path.isdir(path) else os.path.dirname(path)
+    prof = os.path.join(wd, "position_profile.json")
+    if not os.path.exists(prof):
+        return None
+    with open(prof) as f:
+        return json.load(f)
+
+
+def profile_series(prof: dict, key: str) -> tuple[list, list]:
+    pts = [(i, v) for i, v in enumerate(prof[key]) if v is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+VP_KEYS = ("critic/value_loss", "critic/explained_variance")
+
+
+def vp_title(key: str) -> str:
+    return f"value pretraining: {key.split('/')[1].replace('_', ' ')}"
+
+
 def plot_runs(runs: dict[str, str], out_dir: str) -> list[str]:
     """runs: label -> workdir (or metrics.jsonl). Returns the PNG paths written."""
     os.makedirs(out_dir, exist_ok=True)
     data = {label: read_metrics(path) for label, path in runs.items()}
-    written = []
-
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
-    for ax, (key, stage, title) in zip(axes.flat, PPO_PANELS, strict=True):
-        for label, rows in data.items():
-            x, y = _series(rows, stage, key)
-            if x:
-                ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
-        ax.set_title(title)
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend()
-    fig.tight_layout()
-    path = os.path.join(out_dir, "ppo_curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-
-    vp = {
-        label: rows
-        for label, rows in data.items()
-        if any(r["stage"] == "value_pretrain" for r in rows)
-    }
+    panels = [
+        (title, "PPO step", {label: _series(rows, stage, key) for label, rows in data.items()})
+        for key, stage, title in PPO_PANELS
+    ]
+    written = [save_panels(os.path.join(out_dir, "ppo_curves.png"), panels, ncols=3)]
+    vp = {k: rows for k, rows in data.items() if any(r["stage"] == "value_pretrain" for r in rows)}
     if vp:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for label, rows in vp.items():
-            for ax, key in zip(
-                axes, ("critic/value_loss", "critic/explained_variance"), strict=True
-            ):
-                x, y = _series(rows, "value_pretrain", key)
-                ax.plot(x, y, label=label)
-                ax.set_title(f"value pretraining: {key.split('/')[1].replace('_', ' ')}")
-                ax.set_xlabel("value-pretraining step")
-                ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, "value_pretraining.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-    profiles = {}
-    for label, path in runs.items():
-        wd = path if os.path.isdir(path) else os.path.dirname(path)
-        prof = os.path.join(wd, "position_profile.json")
-        if os.path.exists(prof):
-            with open(prof) as f:
-                profiles[label] = json.load(f)
+        panels = [
+            (
+                vp_title(key),
+                "value-pretraining step",
+                {label: _series(rows, "value_pretrain", key) for label, rows in vp.items()},
+            )
+            for key in VP_KEYS
+        ]
+        written.append(save_panels(os.path.join(out_dir, "value_pretraining.png"), panels, 2))
+    profiles = {label: load_profile(path) for label, path in runs.items()}
+    profiles = {k: v for k, v in profiles.items() if v is not None}
     if profiles:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for label, prof in profiles.items():
-            for ax, key in zip(axes, ("value", "advantage"), strict=True):
-                pts = [(i, v) for i, v in enumerate(prof[key]) if v is not None]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-                ax.set_title(f"{key} by token position at the start of PPO")
-                ax.set_xlabel("response token position")
-                ax.grid(alpha=0.3)
-        axes[0].legend()
-        fig.tight_layout()
-        path = os.path.join(out_dir, "value_advantage_by_position.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        panels = [
+            (
+                f"{key} by token position at the start of PPO",
+                "response token position",
+                {label: profile_series(prof, key) for label, prof in profiles.items()},
+            )
+            for key in ("value", "advantage")
+        ]
+        written.append(
+            save_panels(os.path.join(out_dir, "value_advantage_by_position.png"), panels, 2)
+        )
     return written
 
 
