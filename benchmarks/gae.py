@@ -20,7 +20,6 @@ Prints a table with ratios and writes JSON (default ``benchmarks/results/gae_<ba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.report import write_report
 from vcppo_jax.advantages import decoupled_gae, length_adaptive_lambda
 
 GAMMA, LAM_A, LAM_C = 1.0, 0.95, 1.0
@@ -166,11 +166,7 @@ def main() -> None:
         for name, sec in res["seconds"].items():
             print(f"  {name:40s} {sec * 1e3:10.2f} {sec / ours:12.2f}x")
         print(f"  max |diff| vs rlax: {res['max_abs_diff_vs_rlax']:.2e}")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"gae_{backend}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out}")
+    write_report(report, "gae", args.out)
 
 
 if __name__ == "__main__":

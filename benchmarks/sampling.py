@@ -19,7 +19,6 @@ Writes ``benchmarks/results/sampling_<backend>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.report import write_report
 from vcppo_jax import models, sampling
 from vcppo_jax.models import ModelConfig, hf
 
@@ -185,13 +185,7 @@ def main() -> None:
     for k, v in mem.items():
         if k != "chunk_size":
             print(f"  {k:28s} {v / 2**30:8.2f} GiB")
-    out = args.out or os.path.join(
-        os.path.dirname(__file__), "results", f"sampling_{jax.default_backend()}.json"
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {out}")
+    write_report(report, "sampling", args.out)
 
 
 if __name__ == "__main__":
