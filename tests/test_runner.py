@@ -248,3 +248,36 @@ def test_math_prompt_set_from_a_pretrained_checkpoint(tmp_path):
     whole = run_main(ref, *flags)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert comparable(rows(wd)) == comparable(rows(ref))  # Iterator position restored.
+
+
+@pytest.mark.slow
+def test_grpo_and_every_ppo_option_run(tmp_path):
+    """GRPO (no critic), and PPO with every optional term switched on, run end to end."""
+    grpo = run_main(
+        str(tmp_path / "grpo"),
+        "--config.gae.estimator=grpo",
+        "--config.rollout.samples_per_prompt=2",
+        "--config.rollout.prompts_per_step=4",
+        "--config.value_pretrain.enabled=False",
+        "--config.critic.init=policy",
+    )
+    assert grpo.returncode == 0, grpo.stderr[-3000:]
+    assert "critic/value_loss" not in rows(str(tmp_path / "grpo"))[-2]
+    extras = run_main(
+        str(tmp_path / "extras"),
+        "--config.gae.length_adaptive_alpha=0.05",
+        "--config.rollout.samples_per_prompt=2",
+        "--config.rollout.prompts_per_step=4",
+        "--config.rollout.dynamic_sampling=True",
+        "--config.ppo.kl_coef=0.01",
+        "--config.ppo.value_clip=0.2",
+        "--config.ppo.dual_clip=3.0",
+        "--config.ppo.positive_nll_coef=0.1",
+        "--config.ppo.eps_high=0.28",
+        "--config.reward.overlong_buffer=8",
+        "--config.reward.format_penalty=0.1",
+        "--config.ppo.entropy_coef=0.001",
+    )
+    assert extras.returncode == 0, extras.stderr[-3000:]
+    ppo = [r for r in rows(str(tmp_path / "extras")) if r["stage"] == "ppo"]
+    assert "rollout/kept_fraction" in ppo[0] and "actor/dual_clip_fraction" in ppo[0]
