@@ -140,16 +140,3 @@ def shard_params(params, config, mesh: Mesh, rules=DEFAULT_RULES, head: str = "l
     shapes, specs = models.abstract_params(config, head)
     shardings = param_shardings(specs, mesh, rules, shapes)
     return jax.device_put(params, shardings), shardings
-
-
-def describe(params) -> dict[str, str]:
-    """Parameter path -> its PartitionSpec, for logs."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {jax.tree_util.keystr(p): str(getattr(x.sharding, "spec", None)) for p, x in flat}
-
-
-def device_count_info() -> str:
-    return (
-        f"{jax.process_count()} process(es), {jax.device_count()} device(s) "
-        f"({jax.local_device_count()} local, {jax.devices()[0].platform})"
-    )
