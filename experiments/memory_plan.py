@@ -71,9 +71,7 @@ def plan(config, devices: int) -> dict[str, float]:
             shard_bytes(moment, specs, mesh_shape, rules) for moment in (opt[1][0].mu, opt[1][0].nu)
         )
     out["reference parameters"] = out["policy parameters"]
-    batch_axes = dict(rules).get("batch") or ()
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
-    batch_shards = math.prod(mesh_shape[a] for a in batch_axes)
+    batch_shards = math.prod(mesh_shape[a] for a in sharding.batch_axes(rules))
     b = max(1, config.rollout.prompts_per_step * config.rollout.samples_per_prompt // batch_shards)
     t = 1024 + config.rollout.max_new_tokens  # Prompt budget + response.
     kv_shards = mesh_shape["tensor"] if mcfg.num_kv_heads % mesh_shape["tensor"] == 0 else 1

@@ -33,14 +33,13 @@ from vcppo_jax import advantages as adv_lib
 from vcppo_jax import rewards, sampling, sharding, steps
 from vcppo_jax.checkpoint import Checkpointer
 from vcppo_jax.config_validation import validate_config
-from vcppo_jax.data.sources import MathSource, SyntheticSource
+from vcppo_jax.data.sources import EVAL_SEED_OFFSET, MathSource, SyntheticSource
 from vcppo_jax.data.synthetic import AdditionTask, sft_examples
 from vcppo_jax.metrics import MetricsWriter, Progress
 from vcppo_jax.models import ModelConfig, hf
 from vcppo_jax.tokenizer import check_vocab
 
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
-EVAL_SEED_OFFSET = 1_000_003  # Held-out prompts come from a disjoint seed stream.
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -97,6 +96,11 @@ def _route_metrics(prefix: str, direct: np.ndarray, correct: np.ndarray) -> dict
     }
 
 
+def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
+    """Mean of each metric over the minibatch updates of one step."""
+    return {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+
+
 def _copy(tree):
     """A distinct copy: update steps donate their state, so no two states may share buffers."""
     return jax.tree.map(jnp.copy, tree)
@@ -115,9 +119,9 @@ class Experiment:
         self.workdir = workdir
         self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
         self.rules = tuple(tuple(r) for r in config.mesh.rules)
-        batch_axes = dict(self.rules).get("batch") or ()
-        batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-        self._batch_shards = int(np.prod([self.mesh.shape[a] for a in batch_axes]))
+        self._batch_shards = int(
+            np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.rules)])
+        )
         self.task = AdditionTask(config.data.num_terms, config.data.digits)
         self.source = self._source()
         self.tokenizer = self.source.tokenizer
@@ -271,10 +275,10 @@ class Experiment:
         """A host array (the same on every process) -> a global array, the batch dimension
         split over the mesh's batch axes when it divides, else replicated."""
         x = np.asarray(x)
-        spec = ()
         if x.ndim and x.shape[0] % self._batch_shards == 0:
-            spec = (dict(self.rules).get("batch"),)
-        shard = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec))
+            shard = sharding.batch_sharding(self.mesh, self.rules, x.ndim)
+        else:
+            shard = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
 
     @staticmethod
@@ -284,12 +288,10 @@ class Experiment:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
 
-    def _rng(self, stage: str, step: int, *more: int) -> tuple[jax.Array, np.random.Generator]:
+    def _rng(self, stage: str, step: int) -> tuple[jax.Array, np.random.Generator]:
+        """The JAX key and NumPy generator of one step: a function of (seed, stage, step)."""
         key = jax.random.fold_in(jax.random.fold_in(self.key, STAGE_IDS[stage]), step)
-        for m in more:
-            key = jax.random.fold_in(key, m)
-        seeds = [self.config.seed, STAGE_IDS[stage], step, *more]
-        return key, np.random.default_rng(seeds)
+        return key, np.random.default_rng([self.config.seed, STAGE_IDS[stage], step])
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints and signals.
@@ -508,7 +510,7 @@ class Experiment:
                     agg_mode=c.ppo.loss_agg_mode,
                 )
                 metrics.append(m)
-        out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+        out = _mean_metrics(metrics)
         out.update(self._rollout_metrics(batch, correct, r))
         out.update(info)
         return out
@@ -635,7 +637,7 @@ class Experiment:
                 metrics.append({**m, **am})
         jax.block_until_ready(self.policy.params)
         train_s = time.time() - t1
-        out = {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
+        out = _mean_metrics(metrics)
         out.update(gae_metrics)
         out.update(self._rollout_metrics(batch, correct, r))
         out.update(info)

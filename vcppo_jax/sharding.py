@@ -117,6 +117,12 @@ def check_divisible(shapes, shardings) -> None:
     jax.tree_util.tree_map_with_path(check, shapes, shardings)
 
 
+def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the ``batch`` rule splits a batch over (empty: replicated)."""
+    axes = dict(rules).get("batch") or ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:
     """Sharding of a ``[B, ...]`` batch: the batch over the ``batch`` rule's mesh axes."""
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))

@@ -24,6 +24,8 @@ from vcppo_jax.data import math_prompts
 from vcppo_jax.data.synthetic import AdditionTask
 from vcppo_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
+EVAL_SEED_OFFSET = 1_000_003  # Held-out problems and sampling use a disjoint seed stream.
+
 
 @dataclasses.dataclass(frozen=True)
 class MathProblem:
@@ -56,7 +58,7 @@ class SyntheticSource:
         return self.task.problems(n, int(rng.integers(2**31)))
 
     def eval_problems(self, n: int):
-        return self.task.problems(n, self.seed + 1_000_003)  # A disjoint seed stream.
+        return self.task.problems(n, self.seed + EVAL_SEED_OFFSET)
 
     def check(self, texts, problems) -> tuple[np.ndarray, dict]:
         correct = [rewards.exact_match(t, p.answer) for t, p in zip(texts, problems, strict=True)]
