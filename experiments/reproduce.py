@@ -5,10 +5,9 @@
 
 Every run is an ordinary ``python -m vcppo_jax.main`` run with its own workdir
 (``OUT/METHOD/seed_N``), so any run can be resumed or inspected alone; finished runs are not
-repeated. Every method starts from the same SFT policy for a given seed (SFT is deterministic
-given the seed and shared settings) and shares every hyper-parameter except the flags that
-define it. Then writes ``OUT/summary.json``, ``OUT/ablation.md`` and the figures
-(``OUT/figures/*.png``).
+repeated. SFT runs once per seed (``OUT/sft/seed_N``) and every method starts from that policy
+(``--config.sft.init_from``), sharing every hyper-parameter except the flags that define it.
+Then writes ``OUT/summary.json``, ``OUT/ablation.md`` and the figures (``OUT/figures/*.png``).
 
 ``--quick`` runs PPO and VC-PPO with 2 seeds and a shorter PPO stage.
 """
@@ -86,26 +85,20 @@ PAPER = {"ppo": 5.6, "vp_only": 29.4, "vcppo": 41.9, "grpo": 35.8}
 PAPER_LAMBDA = {"0.9": 34.3, "0.95": 41.3, "0.99": 41.9, "1.0": 29.4}
 
 
-def run_method(
-    out: str, method: str, seed: int, variant: str, extra: tuple[str, ...], dry_run: bool
-) -> str:
-    config, flags, _ = METHODS[method]
-    wd = os.path.join(out, method, f"seed_{seed}")
-    cmd = [
-        sys.executable,
-        "-m",
-        "vcppo_jax.main",
-        f"--config={config}:{variant}",
-        f"--workdir={wd}",
-        f"--config.seed={seed}",
-        *flags,
-        *extra,
-    ]
+# The SFT-only run of each seed: no critic, no PPO steps; it exports WORKDIR/sft_policy.
+SFT_ONLY = (
+    "--config.ppo.steps=0",
+    "--config.value_pretrain.enabled=False",
+    "--config.critic.init=policy",
+)
+
+
+def _run(name: str, wd: str, cmd: list[str], dry_run: bool) -> str:
     done = os.path.join(wd, "DONE")
     if os.path.exists(done):
-        print(f"[reproduce] {method} seed {seed}: already finished", flush=True)
+        print(f"[reproduce] {name}: already finished", flush=True)
         return wd
-    print(f"[reproduce] {method} seed {seed}: {' '.join(cmd)}", flush=True)
+    print(f"[reproduce] {name}: {' '.join(cmd)}", flush=True)
     if dry_run:
         return wd
     t0 = time.time()
@@ -113,6 +106,40 @@ def run_method(
     with open(done, "w") as f:
         f.write(f"{time.time() - t0:.0f} s\n")
     return wd
+
+
+def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vcppo_jax.main",
+        f"--config={config}:{variant}",
+        f"--workdir={wd}",
+        f"--config.seed={seed}",
+        *flags,
+    ]
+
+
+def train_sft(out: str, seed: int, variant: str, dry_run: bool) -> str:
+    """The one SFT policy of a seed that every method starts from."""
+    wd = os.path.join(out, "sft", f"seed_{seed}")
+    return _run(f"SFT seed {seed}", wd, _cmd(VCPPO, variant, wd, seed, *SFT_ONLY), dry_run)
+
+
+def run_method(
+    out: str,
+    method: str,
+    seed: int,
+    variant: str,
+    extra: tuple[str, ...],
+    dry_run: bool,
+    sft_dir: str | None = None,
+) -> str:
+    config, flags, _ = METHODS[method]
+    wd = os.path.join(out, method, f"seed_{seed}")
+    init = (f"--config.sft.init_from={sft_dir}",) if sft_dir else ()
+    cmd = _cmd(config, variant, wd, seed, *flags, *init, *extra)
+    return _run(f"{method} seed {seed}", wd, cmd, dry_run)
 
 
 def summarise_run(wd: str) -> dict:
@@ -252,8 +279,12 @@ def main() -> None:
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     extra = ("--config.ppo.steps=40", "--config.eval.every_steps=10") if args.quick else ()
     os.makedirs(args.out, exist_ok=True)
+    sft = {s: train_sft(args.out, s, args.variant, args.dry_run) for s in seeds}
     runs = {
-        m: [run_method(args.out, m, s, args.variant, extra, args.dry_run) for s in seeds]
+        m: [
+            run_method(args.out, m, s, args.variant, extra, args.dry_run, sft_dir=sft[s])
+            for s in seeds
+        ]
         for m in methods
     }
     if args.dry_run:

@@ -91,6 +91,11 @@ def test_dry_run_prints_one_ordinary_command_per_run(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     cmds = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line]
-    assert len(cmds) == 4  # PPO and VC-PPO, 2 seeds.
-    assert all("--config.ppo.steps=40" in c for c in cmds)
-    assert any("configs/ppo.py:tiny" in c and "seed_1" in c for c in cmds)
+    assert len(cmds) == 6  # One SFT run per seed, then PPO and VC-PPO for 2 seeds.
+    sft, runs = cmds[:2], cmds[2:]
+    assert all("--config.ppo.steps=0" in c and "/sft/seed_" in c for c in sft)
+    assert all("--config.ppo.steps=40" in c for c in runs)
+    assert any("configs/ppo.py:tiny" in c and "seed_1" in c for c in runs)
+    for c in runs:  # Every method starts from its seed's SFT policy.
+        seed = c.split("--config.seed=")[1].split()[0]
+        assert f"--config.sft.init_from={tmp_path}/sft/seed_{seed}" in c

@@ -124,12 +124,35 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(full_run, tmp_path):
     assert comparable(rows(wd)) == comparable(rows(wd_full))
 
 
-def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(tmp_path):
+def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_run, tmp_path):
     wd = str(tmp_path / "ppo")
     out = run_main(wd, config="configs/ppo.py:smoke")
     assert out.returncode == 0, out.stderr[-3000:]
     stages = [r["stage"] for r in rows(wd)]
     assert stages.count("reward_model") == 3 and "value_pretrain" not in stages
+
+    # Starting from another run's SFT policy (the VC-PPO run: same seed, model, task and SFT
+    # settings) skips SFT and then runs exactly as if SFT had been trained here.
+    wd_shared = str(tmp_path / "ppo_shared")
+    out = run_main(
+        wd_shared, f"--config.sft.init_from={full_run[0]}", config="configs/ppo.py:smoke"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    not_sft = lambda rs: [r for r in comparable(rs) if r["stage"] != "sft"]
+    assert [r["stage"] for r in rows(wd_shared)].count("sft") == 0
+    assert not_sft(rows(wd_shared)) == not_sft(rows(wd))
+
+    # An SFT policy from another seed, or a directory without one, is refused by name.
+    out = run_main(
+        str(tmp_path / "other_seed"),
+        f"--config.sft.init_from={wd}",
+        "--config.seed=7",
+        config="configs/ppo.py:smoke",
+    )
+    assert out.returncode != 0
+    assert "seed: checkpoint has 0, config has 7" in out.stderr
+    out = run_main(str(tmp_path / "none"), f"--config.sft.init_from={tmp_path}")
+    assert out.returncode != 0 and "no finished SFT policy" in out.stderr
 
 
 def _checksum(stderr):

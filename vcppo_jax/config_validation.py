@@ -193,6 +193,13 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         check(f"{stage}.steps", non_negative_int, "an integer >= 0")
         check(f"{stage}.batch_size", positive_int, "an integer >= 1")
         check(f"{stage}.learning_rate", number_in(0.0, math.inf, lo_open=True), "a positive number")
+    check("reward_model.init", *one_of(("policy", "random")))
+    init_from = check("sft.init_from", lambda x: isinstance(x, str), "a path or ''")
+    if init_from and task != "addition":
+        problems.append(
+            f"sft.init_from={init_from!r}: only for data.task='addition' (a pretrained policy "
+            "is given with model.hf_path)"
+        )
     check("eval.num_samples", positive_int, "an integer >= 1")
 
     # Model.

@@ -16,8 +16,10 @@ one.
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -31,7 +33,7 @@ from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
 from vcppo_jax import rewards, sampling, sharding, steps
-from vcppo_jax.checkpoint import Checkpointer
+from vcppo_jax.checkpoint import Checkpointer, CheckpointMismatchError, fingerprint_diff
 from vcppo_jax.config_validation import validate_config
 from vcppo_jax.data.sources import EVAL_SEED_OFFSET, MathSource, SyntheticSource
 from vcppo_jax.data.synthetic import AdditionTask, sft_examples
@@ -42,7 +44,19 @@ from vcppo_jax.tokenizer import check_vocab
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
 
 
-def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+SFT_EXPORT = "sft_policy"  # WORKDIR/sft_policy: the SFT policy (HF format) + tokenizer.
+# Settings an SFT policy depends on beyond the checkpoint fingerprint.
+SFT_KEYS = (
+    "sft.steps",
+    "sft.batch_size",
+    "sft.learning_rate",
+    "data.direct_fraction",
+    "actor.grad_clip",
+    "model.dtype",
+)
+
+
+def fingerprint(config: ml_collections.ConfigDict, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Config fields a checkpoint's contents depend on (shapes and the data stream)."""
     keys = [
         "seed",
@@ -58,6 +72,7 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "data.digits",
         "data.tokenizer_vocab_size",
         "data.train_files",
+        *extra,
     ]
     out = {}
     for k in keys:
@@ -123,6 +138,7 @@ class Experiment:
             np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.rules)])
         )
         self.task = AdditionTask(config.data.num_terms, config.data.digits)
+        self._sft_init = self._check_sft_init()
         self.source = self._source()
         self.tokenizer = self.source.tokenizer
         self.model_config = self._model_config()
@@ -165,6 +181,65 @@ class Experiment:
             verifier_timeout_s=c.reward.verifier_timeout_s,
         )
 
+    def _check_sft_init(self) -> str | None:
+        """sft.init_from -> the export directory, after checking it was trained under this
+        config's seed, model and task settings; its tokenizer is copied into this workdir."""
+        src = self.config.sft.init_from
+        if not src:
+            return None
+        path = (
+            src
+            if os.path.isfile(os.path.join(src, "fingerprint.json"))
+            else (os.path.join(src, SFT_EXPORT))
+        )
+        fp_file = os.path.join(path, "fingerprint.json")
+        if not os.path.isfile(fp_file):
+            raise FileNotFoundError(
+                f"sft.init_from={src!r}: no finished SFT policy there (expected {fp_file}, "
+                f"written when a run's SFT stage ends)"
+            )
+        with open(fp_file) as f:
+            saved = json.load(f)
+        diff = fingerprint_diff(saved, fingerprint(self.config, SFT_KEYS))
+        if diff:
+            raise CheckpointMismatchError(
+                f"sft.init_from={src!r} was trained under different settings:\n  "
+                + "\n  ".join(diff)
+            )
+        mine = os.path.join(self.workdir, "tokenizer", "spm.model")
+        theirs = os.path.join(path, "spm.model")
+        if jax.process_index() == 0:
+            if not os.path.exists(mine):
+                os.makedirs(os.path.dirname(mine), exist_ok=True)
+                shutil.copyfile(theirs, mine + ".tmp")
+                os.replace(mine + ".tmp", mine)
+            elif not filecmp.cmp(mine, theirs, shallow=False):
+                raise CheckpointMismatchError(
+                    f"{mine} differs from the tokenizer of sft.init_from={src!r}; use a new "
+                    "--workdir"
+                )
+        return path
+
+    def _export_sft_policy(self) -> None:
+        """WORKDIR/sft_policy: the fine-tuned policy in HF format, its tokenizer and the
+        settings it was trained under (what sft.init_from checks)."""
+        path = os.path.join(self.workdir, SFT_EXPORT)
+        params = jax.tree.map(self._host, self.sft_state.params)
+        if jax.process_index() != 0:
+            return
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        hf.save_checkpoint(tmp, self.model_config, params)
+        if self.config.data.task == "addition":
+            shutil.copyfile(
+                os.path.join(self.workdir, "tokenizer", "spm.model"),
+                os.path.join(tmp, "spm.model"),
+            )
+        with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
+            json.dump(fingerprint(self.config, SFT_KEYS), f, indent=2)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
     def _model_config(self) -> ModelConfig:
         m = self.config.model
         if m.hf_path:
@@ -198,7 +273,8 @@ class Experiment:
                 "a reward-model critic is trained on the synthetic task only; with "
                 "model.hf_path choose critic.init / value_pretrain.init 'policy'"
             )
-        if c.sft.steps > 0 and not c.model.hf_path:  # A pretrained policy skips SFT.
+        # A pretrained policy or another run's SFT policy skips SFT.
+        if c.sft.steps > 0 and not c.model.hf_path and not c.sft.init_from:
             stages.append("sft")
         vp = c.value_pretrain.enabled and c.gae.estimator == "gae"
         needs_rm = c.critic.init == "reward_model" or (
@@ -222,6 +298,23 @@ class Experiment:
                 self._hf_params, self.model_config, self.mesh, self.rules, "lm"
             )[0]
             del self._hf_params
+        elif self._sft_init:
+            config, params = hf.load_checkpoint(
+                self._sft_init,
+                param_dtype=c.model.param_dtype,
+                dtype=c.model.dtype,
+                remat=c.model.remat,
+            )
+            if dataclasses.replace(config, max_position_embeddings=0) != dataclasses.replace(
+                self.model_config, max_position_embeddings=0
+            ):
+                raise CheckpointMismatchError(
+                    f"sft.init_from: the model in {self._sft_init} ({config}) is not this "
+                    f"config's ({self.model_config})"
+                )
+            policy_params = sharding.shard_params(
+                params, self.model_config, self.mesh, self.rules, "lm"
+            )[0]
         else:
             policy_params = init(k_pol, "lm")
         self.sft_tx = steps.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
@@ -708,6 +801,10 @@ class Experiment:
                 params = dict(self.critic.params)
                 params["decoder"] = _copy(self.policy.params["decoder"])
                 self.critic = self._new_state(params, self.critic_tx)
+        if stage == "reward_model" and c.reward_model.init == "policy":
+            params = dict(self.reward_model.params)  # The SFT backbone, a fresh value head.
+            params["decoder"] = _copy(self.policy.params["decoder"])
+            self.reward_model = self._new_state(params, self.rm_tx)
         if stage == "ppo":
             # The critic's optimiser starts afresh; the reference is the starting policy.
             self.critic = self._new_state(self.critic.params, self.critic_tx)
@@ -717,6 +814,7 @@ class Experiment:
         if stage == "sft":  # The fine-tuned weights become the policy, with PPO's optimiser.
             self.policy = self._new_state(_copy(self.sft_state.params), self.actor_tx)
             self.reference = _copy(self.sft_state.params)
+            self._export_sft_policy()
 
     def total_steps(self, stage: str) -> int:
         c = self.config
