@@ -686,7 +686,15 @@ class Experiment:
                 "gae/return_mean": float(adv_lib.masked_mean(returns, mask)),
             }
             if step == 0:
-                self._write_position_profile(values, advantages, mask)
+                _, mc = adv_lib.decoupled_gae(  # Monte Carlo returns: what values should be.
+                    r,
+                    jnp.zeros_like(values),
+                    mask,
+                    gamma=c.gae.gamma,
+                    lambda_actor=1.0,
+                    lambda_critic=1.0,
+                )
+                self._write_position_profile(values, advantages, mc, mask)
         if c.gae.whiten_advantages:
             advantages = adv_lib.masked_whiten(advantages, mask)
         is_positive = self._put(correct.astype(np.float32))
@@ -744,23 +752,21 @@ class Experiment:
         )
         return out
 
-    def _write_position_profile(self, values, advantages, mask) -> None:
-        """Mean value and advantage by response position at the start of PPO (the paper's
-        value-initialisation-bias picture)."""
+    def _write_position_profile(self, values, advantages, returns, mask) -> None:
+        """Mean value, advantage and Monte Carlo return by response position at the start of
+        PPO (the paper's value-initialisation-bias picture: value minus return is the bias)."""
         m = self._host(mask)
         count = m.sum(0)
+        mean = lambda x: [
+            float(v / n) if n else None
+            for v, n in zip((self._host(x) * m).sum(0), count, strict=True)
+        ]
         prof = {
-            "count": count.tolist(),
-            "value": (self._host(values) * m).sum(0).tolist(),
-            "advantage": (self._host(advantages) * m).sum(0).tolist(),
+            "count": [float(n) for n in count],
+            "value": mean(values),
+            "advantage": mean(advantages),
+            "return": mean(returns),
         }
-        prof["value"] = [
-            float(v / n) if n else None for v, n in zip(prof["value"], count, strict=True)
-        ]
-        prof["advantage"] = [
-            float(a / n) if n else None for a, n in zip(prof["advantage"], count, strict=True)
-        ]
-        prof["count"] = [float(n) for n in count]
         if jax.process_index() == 0:
             with open(os.path.join(self.workdir, "position_profile.json"), "w") as f:
                 json.dump(prof, f)
