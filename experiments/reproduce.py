@@ -217,8 +217,13 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         panel = (f"{title}, mean over seeds", "PPO step", series)
         written.append(plotting.save_panels(os.path.join(fig_dir, fname), [panel], ncols=1))
 
-    def mean_profile(wds, key):
-        profs = [p for p in (plotting.load_profile(wd) for wd in wds) if p is not None]
+    profiles = {
+        m: [p for p in (plotting.load_profile(wd) for wd in wds) if p is not None]
+        for m, wds in runs.items()
+    }
+
+    def mean_profile(m, key):
+        profs = profiles[m]
         if not profs:
             return [], []
         n = min(len(p[key]) for p in profs)
@@ -226,17 +231,18 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         pts = [(i, float(np.mean(v))) for i, v in pts if v]
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    keys = plotting.profile_keys([p for ps in profiles.values() for p in ps])
     panels = [
         (
-            f"{key} by token position, first PPO step",
+            f"{plotting.PROFILE_TITLES[key]} by position, first PPO step",
             "response token position",
-            {m: mean_profile(wds, key) for m, wds in runs.items()},
+            {m: mean_profile(m, key) for m in runs},
         )
-        for key in ("value", "advantage")
+        for key in keys
     ]
     written.append(
         plotting.save_panels(
-            os.path.join(fig_dir, "value_advantage_by_position.png"), panels, ncols=2
+            os.path.join(fig_dir, "value_advantage_by_position.png"), panels, ncols=len(panels)
         )
     )
 

@@ -52,3 +52,21 @@ def test_plot_runs_writes_every_figure(tmp_path):
     assert names == ["ppo_curves.png", "value_advantage_by_position.png", "value_pretraining.png"]
     for p in out:
         assert os.path.getsize(p) > 10_000  # A real image, not an empty canvas.
+
+
+def test_profile_bias_is_value_minus_return(tmp_path):
+    with open(tmp_path / "position_profile.json", "w") as f:
+        json.dump(
+            {
+                "value": [0.5, -0.25, None],
+                "return": [1.0, -1.0, None],
+                "advantage": [0.0, 0.0, None],
+                "count": [2, 1, 0],
+            },
+            f,
+        )
+    prof = plotting.load_profile(str(tmp_path))
+    assert prof["value_minus_return"] == [-0.5, 0.75, None]
+    old = {"value": [0.1], "advantage": [0.0], "count": [1]}  # Written before returns were.
+    assert plotting.profile_keys([prof]) == ["value", "value_minus_return", "advantage"]
+    assert plotting.profile_keys([prof, old]) == ["value", "advantage"]

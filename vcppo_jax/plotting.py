@@ -69,7 +69,25 @@ def load_profile(path: str) -> dict | None:
     if not os.path.exists(prof):
         return None
     with open(prof) as f:
-        return json.load(f)
+        out = json.load(f)
+    if "return" in out:  # The critic's bias: value minus the Monte Carlo return.
+        out["value_minus_return"] = [
+            None if v is None or r is None else v - r
+            for v, r in zip(out["value"], out["return"], strict=True)
+        ]
+    return out
+
+
+PROFILE_TITLES = {
+    "value": "value",
+    "value_minus_return": "value minus Monte Carlo return (critic bias)",
+    "advantage": "advantage",
+}
+
+
+def profile_keys(profiles) -> list[str]:
+    """The profile panels every given profile can draw."""
+    return [k for k in PROFILE_TITLES if all(k in p for p in profiles)]
 
 
 def profile_series(prof: dict, key: str) -> tuple[list, list]:
@@ -109,14 +127,16 @@ def plot_runs(runs: dict[str, str], out_dir: str) -> list[str]:
     if profiles:
         panels = [
             (
-                f"{key} by token position at the start of PPO",
+                f"{PROFILE_TITLES[key]} by position, start of PPO",
                 "response token position",
                 {label: profile_series(prof, key) for label, prof in profiles.items()},
             )
-            for key in ("value", "advantage")
+            for key in profile_keys(profiles.values())
         ]
         written.append(
-            save_panels(os.path.join(out_dir, "value_advantage_by_position.png"), panels, 2)
+            save_panels(
+                os.path.join(out_dir, "value_advantage_by_position.png"), panels, len(panels)
+            )
         )
     return written
 
