@@ -5,8 +5,9 @@
 Rows (all float32, both lambdas computed: actor 0.95, critic 1.0, gamma 1.0; every row is
 timed as the median of ``--repeats`` interleaved runs after a warm-up/compile run):
 
-* ``vcppo_jax``: ``decoupled_gae`` as users call it (method ``auto``, which is ``matmul`` for
-  scalar and ``[B]`` lambdas), its other methods, and ``[B]`` / ``[B, T]`` actor lambdas.
+* ``vcppo_jax``: ``decoupled_gae`` as users call it (method ``auto``: on CPU the native kernel,
+  ``vcppo_jax/native``; elsewhere ``matmul`` for scalar and ``[B]`` lambdas), its pure-JAX
+  methods, and ``[B]`` / ``[B, T]`` actor lambdas.
 * ``torch loop``: the reverse Python loop over time on [B] slices used by verl, OpenRLHF and
   TRL, run once per lambda (they compute one lambda at a time).
 * ``rlax vmap``: ``rlax.truncated_generalized_advantage_estimation`` vmapped over the batch and
@@ -112,6 +113,7 @@ def bench_shape(b: int, t: int, repeats: int, skip_torch: bool) -> dict:
     rlax_gae = make_rlax_gae()
     fns = {
         "vcppo_jax auto (scalar lambdas)": ours("auto"),
+        "vcppo_jax matmul": ours("matmul"),
         "vcppo_jax associative": ours("associative"),
         "vcppo_jax scan": ours("scan"),
         "vcppo_jax auto, [B] lambda (VAPO)": ours("auto", lam_rows),

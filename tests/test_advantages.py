@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from vcppo_jax import advantages as adv_lib
 from vcppo_jax.advantages import decoupled_gae, length_adaptive_lambda, masked_whiten
 
-METHODS = ("auto", "matmul", "associative", "scan")
+METHODS = ("auto", "native", "matmul", "associative", "scan")
 
 
 def numpy_gae(r, v, lengths, gamma, lam):
@@ -240,9 +240,9 @@ def test_sharded_batch_matches_single_device():
             else jax.device_put(lam_a, NamedSharding(mesh, PartitionSpec("data")))
         )
         got = decoupled_gae(*args, gamma=1.0, lambda_actor=lam, lambda_critic=1.0)
-        for g, w in zip(got, want, strict=True):
+        for g, w in zip(got, want, strict=True):  # (Sharded, auto picks another solver.)
             assert g.sharding.spec[0] == "data" or len(g.sharding.device_set) == 8
-            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
 
 
 def test_length_adaptive_lambda():
@@ -268,3 +268,35 @@ def test_masked_whiten():
     kept = np.asarray(masked_whiten(x_pad, mask, shift_mean=False))
     np.testing.assert_allclose(kept[mask > 0], want + real.mean(), rtol=1e-4, atol=1e-4)
     chex.assert_trees_all_equal_shapes(out, x)
+
+
+def test_auto_uses_the_native_kernel_on_cpu_and_falls_back_without_it(monkeypatch):
+    """On one CPU device ``auto`` is the native kernel; without a compiler (or with
+    VCPPO_NATIVE=0) it warns once and the pure-JAX solver gives the same numbers."""
+    from vcppo_jax import advantages, native
+
+    rng = np.random.default_rng(3)
+    r, v, mask, _ = make_batch(rng, 4, 40)
+    assert advantages._pick_method("cpu", True, jnp.float32, False) == "native"
+    assert advantages._pick_method("cpu", True, jnp.float32, True) == "matmul"
+    assert advantages._pick_method("cpu", False, jnp.float64, False) == "associative"
+    assert advantages._pick_method("gpu", True, jnp.float32, False) == "matmul"
+    want = decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0)
+
+    native.gae_cpu_available.cache_clear()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("VCPPO_NATIVE_CACHE", "/nonexistent-cache")
+    try:
+        with pytest.warns(UserWarning, match=r"no C\+\+ compiler found"):
+            assert not native.gae_cpu_available()
+        assert advantages._pick_method("cpu", True, jnp.float32, False) == "matmul"
+        with pytest.raises(ValueError, match="could not be built"):
+            decoupled_gae(
+                r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0, method="native"
+            )
+    finally:
+        native.gae_cpu_available.cache_clear()
+    got = decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0, method="matmul")
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
