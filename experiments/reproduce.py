@@ -142,18 +142,34 @@ def run_method(
     return _run(f"{method} seed {seed}", wd, cmd, dry_run)
 
 
+BIAS_TOKENS = 5  # Early positions where the paper's value-initialisation bias acts.
+
+
 def summarise_run(wd: str) -> dict:
     rows = read_metrics(wd)
     evals = [r for r in rows if r["stage"] == "eval"]
     if not evals:
         raise RuntimeError(f"{wd}: no evaluation rows")
-    return {
+    out = {
         "initial_response_length": evals[0]["eval/response_length"],
         "final_response_length": evals[-1]["eval/response_length"],
         "initial_accuracy": evals[0]["eval/accuracy"],
         "final_accuracy": evals[-1]["eval/accuracy"],
         "best_accuracy": max(r["eval/accuracy"] for r in evals),
     }
+    if "eval/direct_fraction" in evals[0]:  # Share of sampled answers on the short route.
+        out["initial_direct_fraction"] = evals[0]["eval/direct_fraction"]
+        out["final_direct_fraction"] = evals[-1]["eval/direct_fraction"]
+    lengths = [r["rollout/response_length_mean"] for r in rows if r["stage"] == "ppo"]
+    if lengths:
+        out["min_rollout_length"] = min(lengths)
+    prof = plotting.load_profile(wd)
+    if prof is not None and "value_minus_return" in prof:
+        # The critic at the first PPO step, over the first BIAS_TOKENS response tokens.
+        first = lambda key: float(np.mean([x for x in prof[key][:BIAS_TOKENS] if x is not None]))
+        out["critic_bias_first_tokens"] = first("value_minus_return")
+        out["advantage_first_tokens"] = first("advantage")
+    return out
 
 
 def _mean_std(values) -> str:
@@ -188,6 +204,35 @@ def write_tables(summary: dict, out: str, seeds) -> str:
             if m in summary:
                 acc = _mean_std([r["final_accuracy"] for r in summary[m].values()])
                 lines.append(f"| {lam} | {acc} | {PAPER_LAMBDA[lam]} |")
+    runs = {m: list(per_seed.values()) for m, per_seed in summary.items()}
+    if any("final_direct_fraction" in r for rs in runs.values() for r in rs):
+        lines += [
+            "",
+            "Collapse signs: share of sampled held-out answers taking the short (direct) route, "
+            "the shortest mean rollout length during PPO, and the critic at the first PPO step "
+            f"over the first {BIAS_TOKENS} response tokens (value minus Monte Carlo return: "
+            "negative = under-valued; mean advantage), mean ± std over seeds.",
+            "",
+            "| method | direct share, start -> end (%) | shortest rollout length | "
+            "critic bias | early advantage |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+
+        def cell(rs, key, scale=1.0, fmt="{:.2f}", std=True):
+            v = [scale * r[key] for r in rs if key in r]
+            if not v:
+                return "n/a"
+            text = fmt.format(np.mean(v))
+            return text + (f" ± {fmt.format(np.std(v))}" if std and len(v) > 1 else "")
+
+        for m, rs in runs.items():
+            lines.append(
+                f"| {METHODS[m][2]} | "
+                f"{cell(rs, 'initial_direct_fraction', 100, '{:.1f}', std=False)} -> "
+                f"{cell(rs, 'final_direct_fraction', 100, '{:.1f}', std=False)} | "
+                f"{cell(rs, 'min_rollout_length', fmt='{:.1f}')} | "
+                f"{cell(rs, 'critic_bias_first_tokens')} | {cell(rs, 'advantage_first_tokens')} |"
+            )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(text)

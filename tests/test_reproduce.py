@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from experiments import reproduce
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,15 @@ def fake_run(wd, acc0, acc1, len0, len1, with_vp):
             }
             for s in range(3)
         ]
-    rows += [{"step": 0, "stage": "eval", "eval/accuracy": acc0, "eval/response_length": len0}]
+    rows += [
+        {
+            "step": 0,
+            "stage": "eval",
+            "eval/accuracy": acc0,
+            "eval/response_length": len0,
+            "eval/direct_fraction": 0.3,
+        }
+    ]
     rows += [
         {"step": s, "stage": "ppo", "rollout/response_length_mean": len0 + s} for s in range(4)
     ]
@@ -34,12 +44,26 @@ def fake_run(wd, acc0, acc1, len0, len1, with_vp):
             "eval/accuracy": max(acc0, acc1) + 0.05,
             "eval/response_length": len1,
         },
-        {"step": 4, "stage": "eval", "eval/accuracy": acc1, "eval/response_length": len1},
+        {
+            "step": 4,
+            "stage": "eval",
+            "eval/accuracy": acc1,
+            "eval/response_length": len1,
+            "eval/direct_fraction": 0.1,
+        },
     ]
     with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(os.path.join(wd, "position_profile.json"), "w") as f:
-        json.dump({"value": [0.1, 0.2], "advantage": [0.0, None], "count": [2, 1]}, f)
+        json.dump(
+            {
+                "value": [0.1, 0.2, None],
+                "return": [0.5, 0.0, None],
+                "advantage": [0.0, 0.4, None],
+                "count": [2, 1, 0],
+            },
+            f,
+        )
 
 
 def test_summary_tables_and_figures(tmp_path):
@@ -52,13 +76,20 @@ def test_summary_tables_and_figures(tmp_path):
             fake_run(wd, 0.4, 0.6 + 0.1 * seed, 30.0, 20.0 + seed, vp)
             runs[method].append(wd)
     s = reproduce.summarise_run(runs["ppo"][1])
-    assert s == {
-        "initial_response_length": 30.0,
-        "final_response_length": 21.0,
-        "initial_accuracy": 0.4,
-        "final_accuracy": 0.7,
-        "best_accuracy": 0.75,
-    }
+    assert s == pytest.approx(
+        {
+            "initial_response_length": 30.0,
+            "final_response_length": 21.0,
+            "initial_accuracy": 0.4,
+            "final_accuracy": 0.7,
+            "best_accuracy": 0.75,
+            "initial_direct_fraction": 0.3,
+            "final_direct_fraction": 0.1,
+            "min_rollout_length": 30.0,
+            "critic_bias_first_tokens": -0.1,  # Mean of (0.1 - 0.5, 0.2 - 0.0).
+            "advantage_first_tokens": 0.2,
+        }
+    )
     summary = {
         m: {f"seed_{i}": reproduce.summarise_run(wd) for i, wd in enumerate(wds)}
         for m, wds in runs.items()
@@ -66,6 +97,9 @@ def test_summary_tables_and_figures(tmp_path):
     text = reproduce.write_tables(summary, out, [0, 1])
     assert "| 65.0 ± 5.0 |" in text and "| 5.6 |" in text  # Final accuracy; the paper's PPO.
     assert "| 0.9 | 65.0 ± 5.0 | 34.3 |" in text
+    assert (
+        "| 30.0 -> 10.0 | 30.0 ± 0.0 | -0.10 ± 0.00 | 0.20 ± 0.00 |" in text
+    )  # Direct share, length, critic.
     figs = reproduce.draw(out, runs)
     assert sorted(os.path.basename(f) for f in figs) == [
         "eval_accuracy.png",
