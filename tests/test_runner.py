@@ -76,7 +76,18 @@ def test_smoke_run_writes_metrics_checkpoints_and_config(full_run):
     assert os.listdir(os.path.join(wd, "checkpoints"))
     with open(os.path.join(wd, "config.json")) as f:
         assert json.load(f)["experiment"] == "vcppo"
-    assert os.path.exists(os.path.join(wd, "position_profile.json"))
+    with open(os.path.join(wd, "position_profile.json")) as f:
+        prof = json.load(f)
+    assert set(prof) == {"count", "value", "advantage", "return"}
+    # Each response's return is its final reward (gamma 1): -1 or +1 wherever a row is live.
+    assert all(x is None or -1 <= x <= 1 for x in prof["return"])
+    # First-token value and advantage by route, for whichever routes were sampled.
+    for r in ppo:
+        routes = [k for k in r if k.startswith("gae/advantage_first_token_")]
+        assert routes and set(routes) <= {
+            "gae/advantage_first_token_direct",
+            "gae/advantage_first_token_written",
+        }
     assert os.listdir(os.path.join(wd, "tensorboard"))
     assert "[ppo] step 3/3" in out.stderr and "ETA" in out.stderr
 

@@ -685,6 +685,12 @@ class Experiment:
                 "gae/value_mean": float(adv_lib.masked_mean(values, mask)),
                 "gae/return_mean": float(adv_lib.masked_mean(returns, mask)),
             }
+            # The paper's mechanism by route: which route's first token does the critic favour?
+            adv0, v0 = self._host(advantages[:, 0]), self._host(values[:, 0])
+            for route, sel in (("direct", batch.direct), ("written", ~batch.direct)):
+                if sel.any():
+                    gae_metrics[f"gae/advantage_first_token_{route}"] = float(adv0[sel].mean())
+                    gae_metrics[f"gae/value_first_token_{route}"] = float(v0[sel].mean())
             if step == 0:
                 _, mc = adv_lib.decoupled_gae(  # Monte Carlo returns: what values should be.
                     r,
