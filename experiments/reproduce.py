@@ -75,6 +75,9 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ),
 }
 QUICK_METHODS = ("ppo", "vcppo")
+# The critics that differ at the first PPO step: from the reward model (ppo; decoupled_only has
+# the same one), pretrained for 30 steps (vcppo and its variants), for 5 and for 120 steps.
+PROFILE_METHODS = ("ppo", "vcppo", "vp_steps_5", "vp_steps_120")
 LAMBDA_ROWS = (
     ("0.9", "lambda_actor_0.9"),
     ("0.95", "vcppo"),
@@ -276,12 +279,14 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         pts = [(i, float(np.mean(v))) for i, v in pts if v]
         return [p[0] for p in pts], [p[1] for p in pts]
 
-    keys = plotting.profile_keys([p for ps in profiles.values() for p in ps])
+    # One line per distinct critic: the other methods share one of these critics at step 0.
+    shown = [m for m in PROFILE_METHODS if m in runs] or list(runs)
+    keys = plotting.profile_keys([p for m in shown for p in profiles[m]])
     panels = [
         (
             f"{plotting.PROFILE_TITLES[key]} by position, first PPO step",
             "response token position",
-            {m: mean_profile(m, key) for m in runs},
+            {m: mean_profile(m, key) for m in shown},
         )
         for key in keys
     ]
@@ -291,10 +296,11 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         )
     )
 
-    vp = {
+    vp = {  # Methods whose pretraining differs (the rest repeat vcppo's 30 steps exactly).
         m: rows
         for m, rows in metrics.items()
-        if any(r["stage"] == "value_pretrain" for r in rows[0])
+        if (m in shown or shown == list(runs))
+        and any(r["stage"] == "value_pretrain" for r in rows[0])
     }
     if vp:
         panels = [

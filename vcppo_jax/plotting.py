@@ -46,10 +46,19 @@ def save_panels(path: str, panels: list[tuple[str, str, Series]], ncols: int) ->
     """One figure of line panels ``(title, xlabel, {label: (x, y)})``, legend on the first."""
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ("-", "--", ":", "-.")
     for ax, (title, xlabel, series) in zip(axes.flat, panels, strict=False):
-        for label, (x, y) in series.items():
-            if len(x):
-                ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
+        for i, (label, (x, y)) in enumerate(series.items()):
+            if len(x):  # Colour and line style together: every series stays distinct.
+                ax.plot(
+                    x,
+                    y,
+                    label=label,
+                    color=colors[i % len(colors)],
+                    linestyle=styles[(i // len(colors)) % len(styles)],
+                    marker="." if len(x) < 30 else None,
+                )
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
