@@ -175,9 +175,11 @@ def summarise_run(wd: str) -> dict:
     return out
 
 
-def _mean_std(values) -> str:
-    v = 100 * np.asarray(values, float)
-    return f"{v.mean():.1f} ± {v.std():.1f}" if len(v) > 1 else f"{v.mean():.1f}"
+def _mean_std(values, scale: float = 100.0, fmt: str = "{:.1f}", std: bool = True) -> str:
+    """Mean (± std over seeds when there are several) of scaled values; percentages by default."""
+    v = scale * np.asarray(values, float)
+    text = fmt.format(v.mean())
+    return text + (f" ± {fmt.format(v.std())}" if std and len(v) > 1 else "")
 
 
 def write_tables(summary: dict, out: str, seeds) -> str:
@@ -222,11 +224,8 @@ def write_tables(summary: dict, out: str, seeds) -> str:
         ]
 
         def cell(rs, key, scale=1.0, fmt="{:.2f}", std=True):
-            v = [scale * r[key] for r in rs if key in r]
-            if not v:
-                return "n/a"
-            text = fmt.format(np.mean(v))
-            return text + (f" ± {fmt.format(np.std(v))}" if std and len(v) > 1 else "")
+            v = [r[key] for r in rs if key in r]
+            return _mean_std(v, scale, fmt, std) if v else "n/a"
 
         for m, rs in runs.items():
             lines.append(

@@ -209,7 +209,6 @@ def _decoupled_gae(rewards, values, mask, gamma, lambda_actor, lambda_critic, me
     m_t = jnp.asarray(mask) > 0
     b, t = r_t.shape
     gamma = jnp.asarray(gamma, dtype)
-    per_row = jnp.ndim(lambda_actor) <= 1 and jnp.ndim(lambda_critic) <= 1
     if method == "native":
         return _gae_native(r_t, v_t, mask, gamma, lambda_actor, lambda_critic)
     # Padding may hold anything (even NaN): select, never multiply. Positions past the last
@@ -219,6 +218,7 @@ def _decoupled_gae(rewards, values, mask, gamma, lambda_actor, lambda_critic, me
     delta = jnp.where(m_t, r_t + gamma * v_tp1 - v_t, 0.0)  # [B, T]
 
     # Per-row coefficients ([B]) keep the matrix formulation; per-token ones need a scan.
+    per_row = jnp.ndim(lambda_actor) <= 1 and jnp.ndim(lambda_critic) <= 1
     if method == "matmul" and not per_row:
         raise ValueError("method='matmul' needs scalar or [B] lambdas, not [B, T]")
 

@@ -187,11 +187,9 @@ class Experiment:
         src = self.config.sft.init_from
         if not src:
             return None
-        path = (
-            src
-            if os.path.isfile(os.path.join(src, "fingerprint.json"))
-            else (os.path.join(src, SFT_EXPORT))
-        )
+        # The export directory itself, or the workdir of the run that wrote it.
+        exported = os.path.isfile(os.path.join(src, "fingerprint.json"))
+        path = src if exported else os.path.join(src, SFT_EXPORT)
         fp_file = os.path.join(path, "fingerprint.json")
         if not os.path.isfile(fp_file):
             raise FileNotFoundError(
@@ -678,15 +676,15 @@ class Experiment:
                 lambda_actor=lam_actor,
                 lambda_critic=c.gae.lambda_critic,
             )
+            adv0, v0 = self._host(advantages[:, 0]), self._host(values[:, 0])
             gae_metrics = {
                 "gae/advantage_mean": float(adv_lib.masked_mean(advantages, mask)),
-                "gae/advantage_first_token": float(jnp.mean(advantages[:, 0])),
-                "gae/value_first_token": float(jnp.mean(values[:, 0])),
+                "gae/advantage_first_token": float(adv0.mean()),
+                "gae/value_first_token": float(v0.mean()),
                 "gae/value_mean": float(adv_lib.masked_mean(values, mask)),
                 "gae/return_mean": float(adv_lib.masked_mean(returns, mask)),
             }
             # The paper's mechanism by route: which route's first token does the critic favour?
-            adv0, v0 = self._host(advantages[:, 0]), self._host(values[:, 0])
             for route, sel in (("direct", batch.direct), ("written", ~batch.direct)):
                 if sel.any():
                     gae_metrics[f"gae/advantage_first_token_{route}"] = float(adv0[sel].mean())
@@ -809,18 +807,20 @@ class Experiment:
             start = c.value_pretrain.init if stage == "value_pretrain" else c.critic.init
             if start == "reward_model":
                 self.critic = self._new_state(_copy(self.reward_model.params), self.critic_tx)
-            elif start == "policy":  # The policy's backbone with a fresh value head.
-                params = dict(self.critic.params)
-                params["decoder"] = _copy(self.policy.params["decoder"])
-                self.critic = self._new_state(params, self.critic_tx)
+            elif start == "policy":
+                self.critic = self._on_policy_backbone(self.critic, self.critic_tx)
         if stage == "reward_model" and c.reward_model.init == "policy":
-            params = dict(self.reward_model.params)  # The SFT backbone, a fresh value head.
-            params["decoder"] = _copy(self.policy.params["decoder"])
-            self.reward_model = self._new_state(params, self.rm_tx)
+            self.reward_model = self._on_policy_backbone(self.reward_model, self.rm_tx)
         if stage == "ppo":
             # The critic's optimiser starts afresh; the reference is the starting policy.
             self.critic = self._new_state(self.critic.params, self.critic_tx)
             self.reference = _copy(self.policy.params)
+
+    def _on_policy_backbone(self, value_state: steps.TrainState, tx) -> steps.TrainState:
+        """A value model on (a copy of) the policy's backbone, keeping its own fresh value head."""
+        params = dict(value_state.params)
+        params["decoder"] = _copy(self.policy.params["decoder"])
+        return self._new_state(params, tx)
 
     def _exit_stage(self, stage: str) -> None:
         if stage == "sft":  # The fine-tuned weights become the policy, with PPO's optimiser.
