@@ -4,7 +4,9 @@
 
 1. Generated tokens per second for a ~100M-parameter Qwen2-shaped model with random weights
    (hidden 768, 12 layers, 12 heads / 2 KV heads, MLP 2048, vocabulary 32768, tied
-   embeddings), float32, greedy, every row generating exactly ``--new`` tokens (no EOS).
+   embeddings), float32, greedy, every row generating exactly ``--new`` tokens (no EOS); with
+   the decode matmuls ``auto`` picks (the native packed kernel on AVX-512 CPUs) and, when that
+   is not XLA's dot, with XLA's dot too.
    Peer: transformers ``generate`` (PyTorch CPU, KV cache, ``do_sample=False``) on the same
    weights, exported with ``hf.save_checkpoint`` and loaded with ``from_pretrained``. The
    first tokens of both are compared, so the two runs do the same work.
@@ -50,8 +52,8 @@ def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def bench_jax(config, params, prompts, lengths, new_tokens, repeats):
-    sp = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+def bench_jax(config, params, prompts, lengths, new_tokens, repeats, matmul="auto"):
+    sp = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, matmul=matmul)
     out = sampling.generate(config, params, prompts, lengths, sp, jax.random.key(0))  # Compile.
     jax.block_until_ready(out.response_tokens)
     times = []
@@ -157,11 +159,24 @@ def main() -> None:
         flush=True,
     )
 
+    matmul = sampling.resolve_matmul(config, params, "auto")
+    report["decode_matmul"] = matmul
     t_jax, toks_jax = bench_jax(config, params, prompts, lengths, args.new, args.repeats)
     report["vcppo_jax_tokens_per_s"] = generated / t_jax
     print(
-        f"  vcppo_jax sampler:      {generated / t_jax:8.1f} tokens/s ({t_jax:.1f} s)", flush=True
+        f"  vcppo_jax sampler ({matmul} decode matmuls): {generated / t_jax:8.1f} tokens/s "
+        f"({t_jax:.1f} s)",
+        flush=True,
     )
+    if matmul != "xla":
+        t_xla, toks_xla = bench_jax(config, params, prompts, lengths, args.new, args.repeats, "xla")
+        report["vcppo_jax_xla_dot_tokens_per_s"] = generated / t_xla
+        report["native_vs_xla_dot"] = t_xla / t_jax
+        print(
+            f"  vcppo_jax sampler (XLA's dot):         {generated / t_xla:8.1f} tokens/s "
+            f"({t_xla:.1f} s); greedy tokens equal: {(toks_xla == toks_jax).mean():.3f}",
+            flush=True,
+        )
     if not args.skip_torch:
         with tempfile.TemporaryDirectory() as d:
             hf.save_checkpoint(d, config, params)

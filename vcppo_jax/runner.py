@@ -154,6 +154,7 @@ class Experiment:
             top_k=config.rollout.top_k,
             eos_ids=(self.tokenizer.eos_id,),
             pad_id=self.tokenizer.pad_id,
+            matmul=config.rollout.decode_matmul,
         )
         self.greedy_params = dataclasses.replace(self.sampling_params, temperature=0.0)
         self._init_states()

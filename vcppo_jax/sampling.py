@@ -10,7 +10,15 @@ The per-token log-probabilities are those of the distribution actually sampled f
 temperature, top-k and top-p): PPO's old log-probs. At temperature 1 with no filtering they
 equal a re-scoring by the training forward.
 
-``Sampler`` pads prompt lengths up to buckets so that repeated calls reuse compiled code.
+``generate`` pads prompt lengths up to buckets so that repeated calls reuse compiled code.
+
+Decode-step products (``SamplingParams.matmul``): each step multiplies one token per row by
+every weight matrix, so on a CPU it is bound by streaming the weights. ``"native"`` packs the
+weights once per call into contiguous tiles (``models.pack_for_decode``, a float32 copy of the
+actor's weights for the duration of the call) and multiplies with a C++ kernel
+(``vcppo_jax.native``); ``"xla"`` uses XLA's dot; ``"auto"`` picks native on the CPU backend
+for float32 models on one device when the kernel was built and the CPU has AVX-512, else xla.
+The two agree up to float32 summation order. The prefill is always XLA's.
 """
 
 from __future__ import annotations
@@ -24,7 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vcppo_jax import native
 from vcppo_jax.models import ModelConfig, Transformer
+from vcppo_jax.models.transformer import PACKED, pack_for_decode
+
+MATMULS = ("auto", "native", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +49,11 @@ class SamplingParams:
     top_k: int = 0  # 0 = off.
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    matmul: str = "auto"  # Decode-step products: "auto" | "native" | "xla" (module docstring).
 
     def __post_init__(self):
+        if self.matmul not in MATMULS:
+            raise ValueError(f"matmul must be one of {MATMULS}; got {self.matmul!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -155,6 +170,9 @@ def decode(config: ModelConfig, params, state: DecodeState, sampling: SamplingPa
     n = sampling.max_new_tokens
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
     rows = jnp.arange(b)
+    variables = {"params": params}
+    if sampling.matmul == "native":
+        variables[PACKED] = pack_for_decode(config, params)
 
     def cond(st: DecodeState):
         return (st.step < n) & ~jnp.all(st.done)
@@ -170,8 +188,8 @@ def decode(config: ModelConfig, params, state: DecodeState, sampling: SamplingPa
         mask = st.mask.at[:, st.step].set(active)
         done = st.done | (active & jnp.any(token[:, None] == eos[None, :], axis=-1))
         done = done | (st.step + 1 >= n)
-        hidden, cache = model.apply({"params": params}, token[:, None], slot[:, None], st.cache)
-        next_logits = model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
+        hidden, cache = model.apply(variables, token[:, None], slot[:, None], st.cache)
+        next_logits = model.apply(variables, hidden[:, 0], method=Transformer.logits)
         return st.replace(
             tokens=tokens,
             cache=cache,
@@ -185,6 +203,31 @@ def decode(config: ModelConfig, params, state: DecodeState, sampling: SamplingPa
         )
 
     return jax.lax.while_loop(cond, body, state)
+
+
+def resolve_matmul(config: ModelConfig, params, matmul: str) -> str:
+    """``"auto"`` -> ``"native"`` or ``"xla"`` (see the module docstring); checks ``"native"``."""
+    cpu_f32 = (
+        jax.default_backend() == "cpu"
+        and config.dtype == "float32"
+        and config.param_dtype == "float32"
+    )
+    if matmul == "auto":
+        sharded = any(
+            isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
+            for a in jax.tree.leaves(params)
+        )
+        use = cpu_f32 and not sharded and native.matmul_cpu_preferred()
+        return "native" if use else "xla"
+    if matmul == "native":
+        if not cpu_f32:
+            raise ValueError(
+                "matmul='native' runs on the CPU backend with a float32 model; got backend "
+                f"{jax.default_backend()!r}, dtype {config.dtype}, param_dtype {config.param_dtype}"
+            )
+        if not native.matmul_cpu_available():
+            raise ValueError("matmul='native': the CPU kernel could not be built (see warning)")
+    return matmul
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -217,6 +260,7 @@ def generate(
     padded = np.full((prompts.shape[0], p), sampling.pad_id, np.int32)
     width = min(p, prompts.shape[1])
     padded[:, :width] = prompts[:, :width]
+    sampling = dataclasses.replace(sampling, matmul=resolve_matmul(config, params, sampling.matmul))
     state = prefill(
         config, params, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), sampling, rng
     )

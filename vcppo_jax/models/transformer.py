@@ -17,6 +17,11 @@ laid out per row from slot 0 (prompt, then response), so a token's position is i
 and attention is causal over slots: query at position p sees slots 0..p. That makes prompts of
 different lengths need no separate padding mask: slots past a row's length are never visible
 to that row's real tokens.
+
+Packed weights (the sampler's decode step on CPU): when ``apply`` is given a second variable
+collection ``packed`` (built by ``pack_for_decode``), each projection reads its kernel from
+there, tiled for ``vcppo_jax.native.packed_matmul``, instead of calling ``nn.Dense``. Same
+parameters, same result up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -27,7 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vcppo_jax import native
 from vcppo_jax.models.config import ModelConfig
+
+PACKED = "packed"
 
 Cache = dict[str, dict[str, jax.Array]]
 
@@ -69,6 +77,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
+def _packed(module: nn.Module, name: str):
+    """``{"kernel": [T, K, 48], "bias"?: ...}`` for projection ``name`` if ``apply`` was given
+    the ``packed`` collection, else None."""
+    if module.has_variable(PACKED, name):
+        return module.get_variable(PACKED, name)
+    return None
+
+
+def _packed_dense(x: jax.Array, packed: dict, out_shape: tuple[int, ...], in_dims: int = 1):
+    """``x [..., *in] -> [..., *out_shape]`` through the native kernel (float32)."""
+    lead = x.shape[: x.ndim - in_dims]
+    x = x.reshape(lead + (-1,))
+    y = native.packed_matmul(x, packed["kernel"], math.prod(out_shape))
+    y = y.reshape(lead + out_shape)
+    if "bias" in packed:
+        y = y + packed["bias"]
+    return y
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
@@ -98,6 +125,9 @@ class Attention(nn.Module):
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
 
         def proj(name, heads, axis):
+            packed = _packed(self, name)
+            if packed is not None:
+                return _packed_dense(x, packed, (heads, d)).astype(dt)
             return nn.DenseGeneral(
                 (heads, d),
                 use_bias=cfg.qkv_bias,
@@ -148,6 +178,9 @@ class Attention(nn.Module):
         else:
             out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v_all.astype(dt))
         out = out.reshape(out.shape[:2] + (h, d))
+        packed = _packed(self, "o_proj")
+        if packed is not None:
+            return _packed_dense(out, packed, (e,), in_dims=2).astype(dt), new_cache
         out = nn.DenseGeneral(
             e,
             axis=(-2, -1),
@@ -166,17 +199,23 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda f, axes, name: nn.Dense(
-            f,
-            use_bias=False,
-            dtype=cfg.jnp_dtype,
-            param_dtype=cfg.jnp_param_dtype,
-            name=name,
-            kernel_init=_init(axes),
-        )
-        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+
+        def dense(y, f, axes, name):
+            packed = _packed(self, name)
+            if packed is not None:
+                return _packed_dense(y, packed, (f,)).astype(cfg.jnp_dtype)
+            return nn.Dense(
+                f,
+                use_bias=False,
+                dtype=cfg.jnp_dtype,
+                param_dtype=cfg.jnp_param_dtype,
+                name=name,
+                kernel_init=_init(axes),
+            )(y)
+
+        gate = dense(x, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")
+        up = dense(x, cfg.intermediate_size, ("embed", "mlp"), "up_proj")
+        return dense(nn.silu(gate) * up, cfg.hidden_size, ("mlp", "embed"), "down_proj")
 
 
 class Block(nn.Module):
@@ -273,6 +312,9 @@ class Transformer(nn.Module):
     def logits(self, hidden):
         """[..., E] -> float32 logits [..., V]."""
         cfg = self.config
+        packed = _packed(self, "lm_head")
+        if packed is not None:
+            return _packed_dense(hidden, packed, (cfg.vocab_size,))
         if cfg.tie_word_embeddings:
             embedding = self.decoder.variables["params"]["embed"]["embedding"]
             kernel = nn.meta.unbox(embedding).T
@@ -284,3 +326,38 @@ class Transformer(nn.Module):
             kernel.astype(hidden.dtype),
             preferred_element_type=jnp.float32,
         )
+
+
+def pack_for_decode(config: ModelConfig, params) -> dict:
+    """The ``packed`` collection for an actor's ``params``: every projection's kernel as
+    ``[K, N]`` tiled by ``native.pack_kernel`` (q/k/v biases alongside, flattened), the LM head
+    from the tied embedding or ``lm_head``. Plain JAX (runs inside jit); float32 only."""
+    params = nn.meta.unbox(params)
+    h, kvh, d, e = config.num_heads, config.num_kv_heads, config.head_size, config.hidden_size
+    pack = native.pack_kernel
+
+    def qkv(p, heads):
+        out = {"kernel": pack(p["kernel"].reshape(e, heads * d))}
+        if "bias" in p:
+            out["bias"] = p["bias"].astype(jnp.float32)
+        return out
+
+    decoder = params["decoder"]
+    layers = {}
+    for i in range(config.num_layers):
+        layer = decoder[f"layers_{i}"]
+        attn, mlp = layer["attn"], layer["mlp"]
+        layers[f"layers_{i}"] = {
+            "attn": {
+                "q_proj": qkv(attn["q_proj"], h),
+                "k_proj": qkv(attn["k_proj"], kvh),
+                "v_proj": qkv(attn["v_proj"], kvh),
+                "o_proj": {"kernel": pack(attn["o_proj"]["kernel"].reshape(h * d, e))},
+            },
+            "mlp": {name: {"kernel": pack(mlp[name]["kernel"])} for name in mlp},
+        }
+    if config.tie_word_embeddings:
+        head = pack(decoder["embed"]["embedding"], transposed=True)
+    else:
+        head = pack(params["lm_head"])
+    return {"decoder": layers, "lm_head": {"kernel": head}}

@@ -1,0 +1,73 @@
+"""Native CPU kernels other than GAE (tested in test_advantages.py): the packed matmul."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vcppo_jax import native
+
+pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler")
+
+
+@pytest.mark.parametrize(
+    "m,k,n",
+    [
+        (1, 5, 3),  # Smaller than one tile.
+        (7, 64, 100),  # Ragged rows (not a multiple of the 8-row block) and columns.
+        (32, 768, 2048),  # Large enough to be split over the thread pool.
+        (13, 300, 4801),
+        (0, 4, 5),
+    ],
+)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packed_matmul_matches_numpy(m, k, n, transposed):
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    stored = w.T.copy() if transposed else w
+
+    @jax.jit
+    def f(x, stored):
+        return native.packed_matmul(x, native.pack_kernel(stored, transposed=transposed), n)
+
+    got = np.asarray(f(x, stored))
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (m, n)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_packed_matmul_keeps_leading_axes_and_is_repeatable():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 96)).astype(np.float32)
+    w = rng.standard_normal((96, 50)).astype(np.float32)
+    packed = native.pack_kernel(jnp.asarray(w))
+    assert packed.shape == (2, 96, native.TILE)
+    np.testing.assert_array_equal(np.asarray(packed[1, :, 2:]), 0.0)  # Zero-padded last tile.
+    f = jax.jit(lambda x, p: native.packed_matmul(x, p, 50))
+    a, b = np.asarray(f(x, packed)), np.asarray(f(x, packed))
+    np.testing.assert_array_equal(a, b)  # Same split of work, same sums, every call.
+    np.testing.assert_allclose(a, x @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_packed_matmul_rejects_mismatched_shapes():
+    packed = native.pack_kernel(jnp.ones((8, 60)))
+    with pytest.raises(ValueError, match=r"packed kernel \(2, 8, 48\) does not fit x \[..., 9\]"):
+        native.packed_matmul(jnp.ones((2, 9)), packed, 60)
+    with pytest.raises(ValueError, match="n=200"):
+        native.packed_matmul(jnp.ones((2, 8)), packed, 200)
+
+
+def test_matmul_unavailable_without_a_compiler(monkeypatch):
+    native._matmul_dll.cache_clear()
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("VCPPO_NATIVE_CACHE", "/nonexistent-cache")
+    try:
+        with pytest.warns(UserWarning, match=r"matmul kernel is unavailable \(no C\+\+ compiler"):
+            assert not native.matmul_cpu_available()
+        assert not native.matmul_cpu_preferred()
+        with pytest.raises(ValueError, match="could not be built"):
+            native.packed_matmul(jnp.ones((2, 8)), native.pack_kernel(jnp.ones((8, 5))), 5)
+    finally:
+        native._matmul_dll.cache_clear()  # Rebuilt (from the cache) by the next caller.
