@@ -64,10 +64,56 @@ def test_matmul_unavailable_without_a_compiler(monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("VCPPO_NATIVE_CACHE", "/nonexistent-cache")
     try:
-        with pytest.warns(UserWarning, match=r"matmul kernel is unavailable \(no C\+\+ compiler"):
+        with pytest.warns(UserWarning, match=r"decode kernels are unavailable \(no C\+\+ compiler"):
             assert not native.matmul_cpu_available()
         assert not native.matmul_cpu_preferred()
         with pytest.raises(ValueError, match="could not be built"):
             native.packed_matmul(jnp.ones((2, 8)), native.pack_kernel(jnp.ones((8, 5))), 5)
     finally:
         native._matmul_dll.cache_clear()  # Rebuilt (from the cache) by the next caller.
+
+
+def attention_reference(q, k, v, visible):
+    """NumPy loop, float64: row b's query heads attend to slots 0 .. visible[b] - 1."""
+    b_len, h_len, g_len, d = q.shape
+    out = np.zeros(q.shape)
+    for b in range(b_len):
+        n = min(max(int(visible[b]), 1), k.shape[2])
+        for h in range(h_len):
+            for g in range(g_len):
+                s = k[b, h, :n].astype(np.float64) @ q[b, h, g] / np.sqrt(d)
+                p = np.exp(s - s.max())
+                out[b, h, g] = (p / p.sum()) @ v[b, h, :n]
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (5, 2, 3, 64, 40),  # [B, Hkv, G, D, S]: vector path (D a multiple of 16).
+        (3, 1, 1, 12, 7),  # Scalar path, one head.
+        (32, 2, 6, 64, 320),  # Large enough to be split over the thread pool.
+    ],
+)
+def test_decode_attention_matches_numpy(shape):
+    b, h, g, d, s = shape
+    rng = np.random.default_rng(s)
+    q = rng.standard_normal((b, h, g, d)).astype(np.float32)
+    k = rng.standard_normal((b, h, s, d)).astype(np.float32)
+    v = rng.standard_normal((b, h, s, d)).astype(np.float32)
+    # Ragged lengths, including the clipped ends: 0 -> slot 0 only, > S -> every slot.
+    visible = rng.integers(1, s + 1, b).astype(np.int32)
+    visible[0], visible[-1] = 0, s + 5
+    # Slots a row cannot see hold garbage that must not leak in (NaN would show).
+    for i in range(b):
+        n = min(max(int(visible[i]), 1), s)
+        k[i, :, n:] = np.nan
+        v[i, :, n:] = np.nan
+    got = np.asarray(jax.jit(native.decode_attention)(q, k, v, jnp.asarray(visible)))
+    np.testing.assert_allclose(got, attention_reference(q, k, v, visible), rtol=2e-5, atol=2e-6)
+
+
+def test_decode_attention_rejects_mismatched_shapes():
+    q = jnp.ones((2, 2, 3, 8))
+    with pytest.raises(ValueError, match=r"must be \[B, Hkv, G, D\] and \[B, Hkv, S, D\]"):
+        native.decode_attention(q, jnp.ones((2, 1, 5, 8)), jnp.ones((2, 1, 5, 8)), jnp.ones(2))

@@ -125,9 +125,6 @@ class Attention(nn.Module):
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
 
         def proj(name, heads, axis):
-            packed = _packed(self, name)
-            if packed is not None:
-                return _packed_dense(x, packed, (heads, d)).astype(dt)
             return nn.DenseGeneral(
                 (heads, d),
                 use_bias=cfg.qkv_bias,
@@ -138,9 +135,17 @@ class Attention(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis, "head_dim")),
             )(x)
 
-        q = proj("q_proj", h, "heads")  # [B, T, H, D]
-        k = proj("k_proj", kvh, "kv_heads")
-        v = proj("v_proj", kvh, "kv_heads")
+        packed_qkv = _packed(self, "qkv")
+        if packed_qkv is not None:  # One product for q, k and v (the sampler's decode step).
+            qkv = _packed_dense(x, packed_qkv, ((h + 2 * kvh) * d,)).astype(dt)
+            q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
+            q = q.reshape(q.shape[:-1] + (h, d))
+            k = k.reshape(k.shape[:-1] + (kvh, d))
+            v = v.reshape(v.shape[:-1] + (kvh, d))
+        else:
+            q = proj("q_proj", h, "heads")  # [B, T, H, D]
+            k = proj("k_proj", kvh, "kv_heads")
+            v = proj("v_proj", kvh, "kv_heads")
         inv_freq = rope_frequencies(cfg)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
@@ -161,6 +166,14 @@ class Attention(nn.Module):
         mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
 
         groups = h // kvh
+        if cache is not None and x.shape[1] == 1 and packed_qkv is not None:
+            # Native decode step: read only the slots each row can see (0..position).
+            qg = q[:, 0].reshape(q.shape[0], kvh, groups, d)
+            out = native.decode_attention(qg, k_all, v_all, positions[:, 0] + 1)
+            out = out.reshape(q.shape[0], 1, h, d).astype(dt)
+            return _packed_dense(out, _packed(self, "o_proj"), (e,), in_dims=2).astype(
+                dt
+            ), new_cache
         qg = q.reshape(q.shape[:2] + (kvh, groups, d))
         scores = jnp.einsum(
             f"btkgd,{kv_spec}->bkgts", qg, k_all.astype(dt), preferred_element_type=jnp.float32
@@ -178,9 +191,6 @@ class Attention(nn.Module):
         else:
             out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v_all.astype(dt))
         out = out.reshape(out.shape[:2] + (h, d))
-        packed = _packed(self, "o_proj")
-        if packed is not None:
-            return _packed_dense(out, packed, (e,), in_dims=2).astype(dt), new_cache
         out = nn.DenseGeneral(
             e,
             axis=(-2, -1),
@@ -200,22 +210,24 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
 
-        def dense(y, f, axes, name):
-            packed = _packed(self, name)
-            if packed is not None:
-                return _packed_dense(y, packed, (f,)).astype(cfg.jnp_dtype)
-            return nn.Dense(
-                f,
-                use_bias=False,
-                dtype=cfg.jnp_dtype,
-                param_dtype=cfg.jnp_param_dtype,
-                name=name,
-                kernel_init=_init(axes),
-            )(y)
-
-        gate = dense(x, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")
-        up = dense(x, cfg.intermediate_size, ("embed", "mlp"), "up_proj")
-        return dense(nn.silu(gate) * up, cfg.hidden_size, ("mlp", "embed"), "down_proj")
+        f = cfg.intermediate_size
+        dense = lambda f, axes, name: nn.Dense(
+            f,
+            use_bias=False,
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            name=name,
+            kernel_init=_init(axes),
+        )
+        packed_gate_up = _packed(self, "gate_up")
+        if packed_gate_up is not None:  # The sampler's decode step: two products in one.
+            gate, up = jnp.split(_packed_dense(x, packed_gate_up, (2 * f,)), 2, axis=-1)
+            hidden = (nn.silu(gate) * up).astype(cfg.jnp_dtype)
+            down = _packed(self, "down_proj")
+            return _packed_dense(hidden, down, (cfg.hidden_size,)).astype(cfg.jnp_dtype)
+        gate = dense(f, ("embed", "mlp"), "gate_proj")(x)
+        up = dense(f, ("embed", "mlp"), "up_proj")(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -329,32 +341,35 @@ class Transformer(nn.Module):
 
 
 def pack_for_decode(config: ModelConfig, params) -> dict:
-    """The ``packed`` collection for an actor's ``params``: every projection's kernel as
-    ``[K, N]`` tiled by ``native.pack_kernel`` (q/k/v biases alongside, flattened), the LM head
-    from the tied embedding or ``lm_head``. Plain JAX (runs inside jit); float32 only."""
+    """The ``packed`` collection for an actor's ``params``: each layer's q/k/v kernels as one
+    ``[E, (H + 2 Hkv) D]`` product (biases alongside), gate/up as one ``[E, 2F]``, o_proj and
+    down_proj, and the LM head (from the tied embedding or ``lm_head``), each as ``[K, N]``
+    tiled by ``native.pack_kernel``. Plain JAX (runs inside jit); float32 only."""
     params = nn.meta.unbox(params)
-    h, kvh, d, e = config.num_heads, config.num_kv_heads, config.head_size, config.hidden_size
+    h, d, e = config.num_heads, config.head_size, config.hidden_size
     pack = native.pack_kernel
-
-    def qkv(p, heads):
-        out = {"kernel": pack(p["kernel"].reshape(e, heads * d))}
-        if "bias" in p:
-            out["bias"] = p["bias"].astype(jnp.float32)
-        return out
 
     decoder = params["decoder"]
     layers = {}
     for i in range(config.num_layers):
         layer = decoder[f"layers_{i}"]
         attn, mlp = layer["attn"], layer["mlp"]
+        names = ("q_proj", "k_proj", "v_proj")
+        kernels = [attn[n]["kernel"].reshape(e, -1) for n in names]
+        qkv = {"kernel": pack(jnp.concatenate(kernels, axis=1))}
+        if "bias" in attn["q_proj"]:
+            biases = [attn[n]["bias"].reshape(-1) for n in names]
+            qkv["bias"] = jnp.concatenate(biases).astype(jnp.float32)
+        gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1)
         layers[f"layers_{i}"] = {
             "attn": {
-                "q_proj": qkv(attn["q_proj"], h),
-                "k_proj": qkv(attn["k_proj"], kvh),
-                "v_proj": qkv(attn["v_proj"], kvh),
+                "qkv": qkv,
                 "o_proj": {"kernel": pack(attn["o_proj"]["kernel"].reshape(h * d, e))},
             },
-            "mlp": {name: {"kernel": pack(mlp[name]["kernel"])} for name in mlp},
+            "mlp": {
+                "gate_up": {"kernel": pack(gate_up)},
+                "down_proj": {"kernel": pack(mlp["down_proj"]["kernel"])},
+            },
         }
     if config.tie_word_embeddings:
         head = pack(decoder["embed"]["embedding"], transposed=True)

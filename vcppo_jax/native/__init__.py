@@ -4,12 +4,13 @@
   slower than memory allows: a scan pays per-step loop overhead and the matrix form pays 2C
   flops per element. This is the plain reverse loop, one pass for both lambdas, rows split over
   threads.
-* ``matmul_cpu.cc``: the sampler's decode step multiplies a few rows (one token per sequence)
-  by every weight matrix, so it is bound by streaming the weights. With the weights packed
-  once per ``generate`` call into contiguous 48-column tiles (``pack_kernel``), this kernel
-  streams them at 1.3-1.8x the rate of XLA's own dot at batch 32 (``benchmarks/sampling.py``).
-  It is compiled for the host CPU (``-march=native``) and used by ``auto`` only where the CPU
-  has AVX-512 (on narrower vector units XLA's dot is as fast).
+* ``decode_cpu.cc``: the sampler's decode step. It multiplies a few rows (one token per
+  sequence) by every weight matrix, so it is bound by streaming the weights: with the weights
+  packed once per ``generate`` call into contiguous 48-column tiles (``pack_kernel``),
+  ``packed_matmul`` streams them faster than XLA's own dot at batch 32
+  (``benchmarks/sampling.py``). ``decode_attention`` attends over the slots of the KV cache
+  each row can see, where XLA reads the whole cache and masks. Compiled for the host CPU
+  (``-march=native``); the sampler's ``auto`` uses it only where the CPU has AVX-512.
 
 Each is compiled with the system C++ compiler (``$CXX``, else ``g++``/``c++``) against the FFI
 headers shipped with jaxlib, cached under ``$VCPPO_NATIVE_CACHE`` (default
@@ -37,10 +38,11 @@ import numpy as np
 
 GAE_TARGET = "vcppo_gae_cpu"
 MATMUL_TARGET = "vcppo_packed_matmul_cpu"
+ATTENTION_TARGET = "vcppo_decode_attention_cpu"
 TILE = 48  # Columns per packed tile: fixed by matmul_cpu.cc (static_assert there).
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_DIR, "gae_cpu.cc")
-_MATMUL_SOURCE = os.path.join(_DIR, "matmul_cpu.cc")
+_DECODE_SOURCE = os.path.join(_DIR, "decode_cpu.cc")
 
 
 def _compiler() -> str | None:
@@ -120,24 +122,27 @@ def _matmul_dll() -> ctypes.CDLL | None:
     if _native_disabled():
         return None
     try:
-        dll = _build(_MATMUL_SOURCE, "VcppoPackedMatmul", ("-march=native",))
+        dll = _build(_DECODE_SOURCE, "VcppoDecodeAttention", ("-march=native",))
     except (RuntimeError, OSError) as e:
         warnings.warn(
-            f"the native CPU matmul kernel is unavailable ({e}); the sampler uses XLA's dot",
+            f"the native CPU decode kernels are unavailable ({e}); the sampler uses XLA's",
             stacklevel=3,
         )
         return None
     if dll.VcppoPackedMatmulTileWidth() != TILE:
-        raise RuntimeError(f"matmul_cpu.cc packs {dll.VcppoPackedMatmulTileWidth()} columns")
+        raise RuntimeError(f"decode_cpu.cc packs {dll.VcppoPackedMatmulTileWidth()} columns")
     jax.ffi.register_ffi_target(
         MATMUL_TARGET, jax.ffi.pycapsule(dll.VcppoPackedMatmul), platform="cpu"
+    )
+    jax.ffi.register_ffi_target(
+        ATTENTION_TARGET, jax.ffi.pycapsule(dll.VcppoDecodeAttention), platform="cpu"
     )
     return dll
 
 
 def matmul_cpu_available() -> bool:
-    """The packed-weight matmul kernel was built and registered (False when ``VCPPO_NATIVE=0``
-    or no compiler: one warning)."""
+    """The decode kernels (packed matmul, decode attention) were built and registered (False
+    when ``VCPPO_NATIVE=0`` or no compiler: one warning)."""
     return _matmul_dll() is not None
 
 
@@ -161,7 +166,7 @@ def pack_kernel(w: jax.Array, *, transposed: bool = False) -> jax.Array:
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """``x [..., K] @ w [K, n]`` with ``w`` packed by ``pack_kernel``: float32 on the host CPU."""
     if not matmul_cpu_available():
-        raise ValueError("the native CPU matmul kernel could not be built (see the warning)")
+        raise ValueError("the native CPU decode kernels could not be built (see the warning)")
     k = x.shape[-1]
     if packed.ndim != 3 or packed.shape[1:] != (k, TILE) or packed.shape[0] != -(-n // TILE):
         raise ValueError(f"packed kernel {packed.shape} does not fit x [..., {k}] and n={n}")
@@ -172,3 +177,24 @@ def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
         x2, packed.astype(jnp.float32), n=np.int64(n)
     )
     return y.reshape(*lead, n)
+
+
+def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visible: jax.Array):
+    """One query token per row over a KV cache, float32 on the host CPU.
+
+    ``q [B, Hkv, G, D]`` (G query heads per KV head), caches ``[B, Hkv, S, D]``, ``visible [B]``:
+    row b attends to slots ``0 .. visible[b] - 1`` (clipped to [1, S]) -> ``[B, Hkv, G, D]``:
+    ``softmax(q k^T / sqrt(D)) v`` with the softmax in float32."""
+    if not matmul_cpu_available():
+        raise ValueError("the native CPU decode kernels could not be built (see the warning)")
+    b, h, _, d = q.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, h) or k_cache.shape[3] != d:
+        raise ValueError(
+            f"q {q.shape} and caches {k_cache.shape}, {v_cache.shape} must be [B, Hkv, G, D] "
+            "and [B, Hkv, S, D]"
+        )
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    f32 = lambda a: a.astype(jnp.float32)
+    return jax.ffi.ffi_call(ATTENTION_TARGET, out, vmap_method="sequential")(
+        f32(q), f32(k_cache), f32(v_cache), visible.astype(jnp.int32)
+    )
