@@ -6,7 +6,8 @@
    (hidden 768, 12 layers, 12 heads / 2 KV heads, MLP 2048, vocabulary 32768, tied
    embeddings), float32, greedy, every row generating exactly ``--new`` tokens (no EOS); with
    the decode matmuls ``auto`` picks (the native packed kernel on AVX-512 CPUs) and, when that
-   is not XLA's dot, with XLA's dot too.
+   is not XLA's dot, with XLA's dot too. The samplers alternate over ``--repeats`` rounds; the
+   speed-up is the median of the per-round ratios.
    Peer: transformers ``generate`` (PyTorch CPU, KV cache, ``do_sample=False``) on the same
    weights, exported with ``hf.save_checkpoint`` and loaded with ``from_pretrained``. The
    first tokens of both are compared, so the two runs do the same work.
@@ -52,20 +53,21 @@ def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def bench_jax(config, params, prompts, lengths, new_tokens, repeats, matmul="auto"):
+def jax_runner(config, params, prompts, lengths, new_tokens, matmul):
+    """-> run() timing one ``generate`` call (compiled first) -> (seconds, tokens)."""
     sp = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, matmul=matmul)
-    out = sampling.generate(config, params, prompts, lengths, sp, jax.random.key(0))  # Compile.
-    jax.block_until_ready(out.response_tokens)
-    times = []
-    for i in range(repeats):
+
+    def run(seed=0):
         t0 = time.perf_counter()
-        out = sampling.generate(config, params, prompts, lengths, sp, jax.random.key(i))
-        jax.block_until_ready(out.response_tokens)
-        times.append(time.perf_counter() - t0)
-    return min(times), np.asarray(out.response_tokens)
+        out = sampling.generate(config, params, prompts, lengths, sp, jax.random.key(seed))
+        tokens = np.asarray(out.response_tokens)
+        return time.perf_counter() - t0, tokens
+
+    run()  # Compile.
+    return run
 
 
-def bench_torch(path, prompts, new_tokens, repeats):
+def torch_runner(path, prompts, new_tokens):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -81,12 +83,14 @@ def bench_torch(path, prompts, new_tokens, repeats):
     )
     with torch.no_grad():
         model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, pad_token_id=0)  # Warm-up.
-        times = []
-        for _ in range(repeats):
+
+    def run(seed=0):
+        with torch.no_grad():
             t0 = time.perf_counter()
             out = model.generate(ids, **kw)
-            times.append(time.perf_counter() - t0)
-    return min(times), out[:, ids.shape[1] :].numpy()
+            return time.perf_counter() - t0, out[:, ids.shape[1] :].numpy()
+
+    return run
 
 
 def logprob_memory(batch=8, length=4096, vocab=151936, hidden=896):
@@ -133,7 +137,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds (samplers alternate)")
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -159,38 +163,64 @@ def main() -> None:
         flush=True,
     )
 
-    matmul = sampling.resolve_matmul(config, params, "auto")
+    # Rounds alternate the samplers, so that a change in the shared machine's speed during the
+    # run hits each of them alike; the speed-up is the median of the per-round ratios.
+    matmul = sampling.resolve_matmul(config, params, "auto", args.new)
     report["decode_matmul"] = matmul
-    t_jax, toks_jax = bench_jax(config, params, prompts, lengths, args.new, args.repeats)
-    report["vcppo_jax_tokens_per_s"] = generated / t_jax
-    print(
-        f"  vcppo_jax sampler ({matmul} decode matmuls): {generated / t_jax:8.1f} tokens/s "
-        f"({t_jax:.1f} s)",
-        flush=True,
-    )
+    runners = {"vcppo_jax": jax_runner(config, params, prompts, lengths, args.new, "auto")}
     if matmul != "xla":
-        t_xla, toks_xla = bench_jax(config, params, prompts, lengths, args.new, args.repeats, "xla")
-        report["vcppo_jax_xla_dot_tokens_per_s"] = generated / t_xla
-        report["native_vs_xla_dot"] = t_xla / t_jax
-        print(
-            f"  vcppo_jax sampler (XLA's dot):         {generated / t_xla:8.1f} tokens/s "
-            f"({t_xla:.1f} s); greedy tokens equal: {(toks_xla == toks_jax).mean():.3f}",
-            flush=True,
-        )
+        runners["vcppo_jax_xla_dot"] = jax_runner(config, params, prompts, lengths, args.new, "xla")
+    tmp = None
     if not args.skip_torch:
-        with tempfile.TemporaryDirectory() as d:
-            hf.save_checkpoint(d, config, params)
-            t_torch, toks_torch = bench_torch(d, prompts, args.new, args.repeats)
-        report["transformers_tokens_per_s"] = generated / t_torch
-        report["speedup"] = t_torch / t_jax
+        tmp = tempfile.TemporaryDirectory()
+        hf.save_checkpoint(tmp.name, config, params)
+        runners["transformers"] = torch_runner(tmp.name, prompts, args.new)
+    times = {name: [] for name in runners}
+    tokens = {}
+    for r in range(args.repeats):
+        for name, run in runners.items():
+            t, tokens[name] = run(r)
+            times[name].append(t)
+            print(
+                f"  round {r + 1}: {name:18s} {generated / t:7.1f} tokens/s ({t:.1f} s)", flush=True
+            )
+    if tmp is not None:
+        tmp.cleanup()
+    for name, ts in times.items():
+        report[f"{name}_seconds"] = ts
+        report[f"{name}_tokens_per_s"] = generated / float(np.median(ts))
+    names = list(times)
+    print(f"{'':26s}" + "".join(f"{n:>20s}" for n in names))
+    print(
+        "  median tokens/s:        "
+        + "".join(f"{report[f'{n}_tokens_per_s']:20.1f}" for n in names)
+    )
+
+    def ratio(slow, fast):
+        return float(np.median(np.asarray(times[slow]) / np.asarray(times[fast])))
+
+    if "vcppo_jax_xla_dot" in times:
+        report["native_vs_xla_dot"] = ratio("vcppo_jax_xla_dot", "vcppo_jax")
+        same = float((tokens["vcppo_jax_xla_dot"] == tokens["vcppo_jax"]).mean())
+        print(
+            f"  native decode vs XLA's dot: {report['native_vs_xla_dot']:.2f}x "
+            f"(median of rounds); greedy tokens equal: {same:.3f}"
+        )
+    if "transformers" in times:
+        report["speedup"] = ratio("transformers", "vcppo_jax")
+        report["speedup_per_round"] = list(
+            np.asarray(times["transformers"]) / np.asarray(times["vcppo_jax"])
+        )
         agree = int(
-            np.argmin(np.concatenate([(toks_jax == toks_torch).all(0), [False]]))
+            np.argmin(
+                np.concatenate([(tokens["vcppo_jax"] == tokens["transformers"]).all(0), [False]])
+            )
         )  # First column that differs.
         report["identical_leading_tokens"] = agree
-        print(f"  transformers generate:  {generated / t_torch:8.1f} tokens/s ({t_torch:.1f} s)")
         print(
-            f"  speed-up: {t_torch / t_jax:.2f}x; greedy tokens identical for the first "
-            f"{agree} positions of every row"
+            f"  speed-up over transformers: {report['speedup']:.2f}x (median of rounds: "
+            + ", ".join(f"{x:.2f}" for x in report["speedup_per_round"])
+            + f"); greedy tokens identical for the first {agree} positions of every row"
         )
 
     mem = logprob_memory()

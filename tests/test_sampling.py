@@ -195,7 +195,7 @@ def test_native_decode_matmuls_agree_with_xla_and_auto_picks_them():
     """The packed native kernel changes only the float32 summation order of the decode step:
     on a model with untied embeddings, q/k/v biases, GQA and ragged prompts, sampled tokens are
     identical and log-probs agree to 1e-5; ``auto`` picks it on float32 CPU models where the
-    host has AVX-512, XLA's dot for bfloat16 models."""
+    host has AVX-512 and enough tokens are asked for, XLA's dot for bfloat16 models."""
     if "native" not in MATMULS:
         pytest.skip("no C++ compiler")
     config = models.ModelConfig(
@@ -226,6 +226,7 @@ def test_native_decode_matmuls_agree_with_xla_and_auto_picks_them():
         atol=1e-5,
     )
     want = "native" if native.matmul_cpu_preferred() else "xla"
-    assert sampling.resolve_matmul(config, params, "auto") == want
+    assert sampling.resolve_matmul(config, params, "auto", 64) == want
+    assert sampling.resolve_matmul(config, params, "auto", 8) == "xla"  # Packing not repaid.
     bf16 = config.replace(dtype="bfloat16")
-    assert sampling.resolve_matmul(bf16, params, "auto") == "xla"
+    assert sampling.resolve_matmul(bf16, params, "auto", 64) == "xla"

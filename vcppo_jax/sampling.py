@@ -17,7 +17,8 @@ every weight matrix, so on a CPU it is bound by streaming the weights. ``"native
 weights once per call into contiguous tiles (``models.pack_for_decode``, a float32 copy of the
 actor's weights for the duration of the call) and multiplies with a C++ kernel
 (``vcppo_jax.native``); ``"xla"`` uses XLA's dot; ``"auto"`` picks native on the CPU backend
-for float32 models on one device when the kernel was built and the CPU has AVX-512, else xla.
+for float32 models on one device when the kernel was built, the CPU has AVX-512 and at least
+``NATIVE_MIN_NEW_TOKENS`` tokens are asked for (packing costs about two decode steps), else xla.
 The two agree up to float32 summation order. The prefill is always XLA's.
 """
 
@@ -205,7 +206,12 @@ def decode(config: ModelConfig, params, state: DecodeState, sampling: SamplingPa
     return jax.lax.while_loop(cond, body, state)
 
 
-def resolve_matmul(config: ModelConfig, params, matmul: str) -> str:
+# Packing the weights costs about two decode steps at batch 32 (more at smaller batches): below
+# this many new tokens ``auto`` keeps XLA's dot (benchmarks/sampling.py --new 8: 0.82-0.95x).
+NATIVE_MIN_NEW_TOKENS = 32
+
+
+def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int = 256) -> str:
     """``"auto"`` -> ``"native"`` or ``"xla"`` (see the module docstring); checks ``"native"``."""
     cpu_f32 = (
         jax.default_backend() == "cpu"
@@ -217,7 +223,8 @@ def resolve_matmul(config: ModelConfig, params, matmul: str) -> str:
             isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
             for a in jax.tree.leaves(params)
         )
-        use = cpu_f32 and not sharded and native.matmul_cpu_preferred()
+        long_enough = max_new_tokens >= NATIVE_MIN_NEW_TOKENS
+        use = cpu_f32 and not sharded and long_enough and native.matmul_cpu_preferred()
         return "native" if use else "xla"
     if matmul == "native":
         if not cpu_f32:
@@ -260,7 +267,8 @@ def generate(
     padded = np.full((prompts.shape[0], p), sampling.pad_id, np.int32)
     width = min(p, prompts.shape[1])
     padded[:, :width] = prompts[:, :width]
-    sampling = dataclasses.replace(sampling, matmul=resolve_matmul(config, params, sampling.matmul))
+    matmul = resolve_matmul(config, params, sampling.matmul, sampling.max_new_tokens)
+    sampling = dataclasses.replace(sampling, matmul=matmul)
     state = prefill(
         config, params, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), sampling, rng
     )

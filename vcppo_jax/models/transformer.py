@@ -67,11 +67,16 @@ def rope_frequencies(config: ModelConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) of the rotary angles, each ``[B, T, 1, D / 2]`` float32. Computed once per
+    forward and shared by every layer (inside a fusion XLA would recompute them per element)."""
+    angles = positions[..., None].astype(jnp.float32) * rope_frequencies(config)  # [B, T, D/2]
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotary embedding, half-split layout (as HF Llama / Qwen2). x: [B, T, H, D]."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+    cos, sin = rope
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -119,7 +124,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache=None):
+    def __call__(self, x, positions, rope, cache=None):
         cfg = self.config
         h, kvh, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.hidden_size
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
@@ -146,9 +151,8 @@ class Attention(nn.Module):
             q = proj("q_proj", h, "heads")  # [B, T, H, D]
             k = proj("k_proj", kvh, "kv_heads")
             v = proj("v_proj", kvh, "kv_heads")
-        inv_freq = rope_frequencies(cfg)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
 
         if cache is not None:
             # Cache layout [B, Hkv, S, D]: attention reads it without a transpose each step.
@@ -234,10 +238,12 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, cache=None):
+    def __call__(self, x, positions, rope, cache=None):
         cfg = self.config
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
-        attn_out, new_cache = Attention(cfg, name="attn")(norm("input_norm")(x), positions, cache)
+        attn_out, new_cache = Attention(cfg, name="attn")(
+            norm("input_norm")(x), positions, rope, cache
+        )
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(norm("post_attention_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -267,6 +273,7 @@ class Decoder(nn.Module):
             name="embed",
         )
         x = embed(tokens)
+        rope = rope_tables(cfg, positions)
         block = Block
         if cfg.remat != "none" and cache is None:
             block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=())
@@ -274,7 +281,7 @@ class Decoder(nn.Module):
         for i in range(cfg.num_layers):
             name = f"layers_{i}"
             x, layer_cache = block(cfg, name=name)(
-                x, positions, None if cache is None else cache[name]
+                x, positions, rope, None if cache is None else cache[name]
             )
             if cache is not None:
                 new_cache[name] = layer_cache

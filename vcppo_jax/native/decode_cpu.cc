@@ -105,6 +105,12 @@ void Tiles(const float* x, const float* packed, float* y, int64_t m_len, int64_t
     int64_t m = 0;
     for (; m + kMR <= m_len; m += kMR)
       Block<kMR>(x + m * k_len, k_len, tile, y + m * n_len + n, n_len, ncols);
+    // Fewer rows left than a block (or a small batch): the widest block that fits, so the tile
+    // is read once per block rather than once per row.
+    for (; m + 4 <= m_len; m += 4)
+      Block<4>(x + m * k_len, k_len, tile, y + m * n_len + n, n_len, ncols);
+    for (; m + 2 <= m_len; m += 2)
+      Block<2>(x + m * k_len, k_len, tile, y + m * n_len + n, n_len, ncols);
     for (; m < m_len; ++m) Block<1>(x + m * k_len, k_len, tile, y + m * n_len + n, n_len, ncols);
   }
 }
