@@ -111,6 +111,12 @@ def _run(name: str, wd: str, cmd: list[str], dry_run: bool) -> str:
     return wd
 
 
+# The study's runs use XLA's decode step, as they did when docs/results/ was made: "auto" would
+# pick the native kernels on AVX-512 hosts only, and their different float32 summation order
+# would make the sampled trajectories (not their statistics) depend on the host.
+PINNED = ("--config.rollout.decode_matmul=xla",)
+
+
 def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str]:
     return [
         sys.executable,
@@ -119,6 +125,7 @@ def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str
         f"--config={config}:{variant}",
         f"--workdir={wd}",
         f"--config.seed={seed}",
+        *PINNED,
         *flags,
     ]
 
