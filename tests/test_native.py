@@ -58,19 +58,19 @@ def test_packed_matmul_rejects_mismatched_shapes():
         native.packed_matmul(jnp.ones((2, 8)), packed, 200)
 
 
-def test_matmul_unavailable_without_a_compiler(monkeypatch):
-    native._matmul_dll.cache_clear()
+def test_decode_kernels_unavailable_without_a_compiler(monkeypatch):
+    native._decode_dll.cache_clear()
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("VCPPO_NATIVE_CACHE", "/nonexistent-cache")
     try:
         with pytest.warns(UserWarning, match=r"decode kernels are unavailable \(no C\+\+ compiler"):
-            assert not native.matmul_cpu_available()
-        assert not native.matmul_cpu_preferred()
+            assert not native.decode_cpu_available()
+        assert not native.decode_cpu_preferred()
         with pytest.raises(ValueError, match="could not be built"):
             native.packed_matmul(jnp.ones((2, 8)), native.pack_kernel(jnp.ones((8, 5))), 5)
     finally:
-        native._matmul_dll.cache_clear()  # Rebuilt (from the cache) by the next caller.
+        native._decode_dll.cache_clear()  # Rebuilt (from the cache) by the next caller.
 
 
 def attention_reference(q, k, v, visible):

@@ -225,7 +225,7 @@ def test_native_decode_matmuls_agree_with_xla_and_auto_picks_them():
         np.asarray(outs["xla"].response_logprobs),
         atol=1e-5,
     )
-    want = "native" if native.matmul_cpu_preferred() else "xla"
+    want = "native" if native.decode_cpu_preferred() else "xla"
     assert sampling.resolve_matmul(config, params, "auto", 64) == want
     assert sampling.resolve_matmul(config, params, "auto", 8) == "xla"  # Packing not repaid.
     bf16 = config.replace(dtype="bfloat16")

@@ -224,7 +224,7 @@ def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int
             for a in jax.tree.leaves(params)
         )
         long_enough = max_new_tokens >= NATIVE_MIN_NEW_TOKENS
-        use = cpu_f32 and not sharded and long_enough and native.matmul_cpu_preferred()
+        use = cpu_f32 and not sharded and long_enough and native.decode_cpu_preferred()
         return "native" if use else "xla"
     if matmul == "native":
         if not cpu_f32:
@@ -232,7 +232,7 @@ def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int
                 "matmul='native' runs on the CPU backend with a float32 model; got backend "
                 f"{jax.default_backend()!r}, dtype {config.dtype}, param_dtype {config.param_dtype}"
             )
-        if not native.matmul_cpu_available():
+        if not native.decode_cpu_available():
             raise ValueError("matmul='native': the CPU kernel could not be built (see warning)")
     return matmul
 

@@ -39,7 +39,7 @@ import numpy as np
 GAE_TARGET = "vcppo_gae_cpu"
 MATMUL_TARGET = "vcppo_packed_matmul_cpu"
 ATTENTION_TARGET = "vcppo_decode_attention_cpu"
-TILE = 48  # Columns per packed tile: fixed by matmul_cpu.cc (static_assert there).
+TILE = 48  # Columns per packed tile: fixed by decode_cpu.cc (static_assert there).
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_DIR, "gae_cpu.cc")
 _DECODE_SOURCE = os.path.join(_DIR, "decode_cpu.cc")
@@ -118,7 +118,7 @@ def _native_disabled() -> bool:
 
 
 @functools.cache
-def _matmul_dll() -> ctypes.CDLL | None:
+def _decode_dll() -> ctypes.CDLL | None:
     if _native_disabled():
         return None
     try:
@@ -140,16 +140,16 @@ def _matmul_dll() -> ctypes.CDLL | None:
     return dll
 
 
-def matmul_cpu_available() -> bool:
+def decode_cpu_available() -> bool:
     """The decode kernels (packed matmul, decode attention) were built and registered (False
     when ``VCPPO_NATIVE=0`` or no compiler: one warning)."""
-    return _matmul_dll() is not None
+    return _decode_dll() is not None
 
 
-def matmul_cpu_preferred() -> bool:
+def decode_cpu_preferred() -> bool:
     """Whether ``auto`` should use the kernel: built, and the host has 512-bit vectors (on
     AVX2-only CPUs it is correct but no faster than XLA's dot)."""
-    dll = _matmul_dll()
+    dll = _decode_dll()
     return dll is not None and dll.VcppoPackedMatmulVectorWidth() >= 16
 
 
@@ -165,7 +165,7 @@ def pack_kernel(w: jax.Array, *, transposed: bool = False) -> jax.Array:
 
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """``x [..., K] @ w [K, n]`` with ``w`` packed by ``pack_kernel``: float32 on the host CPU."""
-    if not matmul_cpu_available():
+    if not decode_cpu_available():
         raise ValueError("the native CPU decode kernels could not be built (see the warning)")
     k = x.shape[-1]
     if packed.ndim != 3 or packed.shape[1:] != (k, TILE) or packed.shape[0] != -(-n // TILE):
@@ -185,7 +185,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visib
     ``q [B, Hkv, G, D]`` (G query heads per KV head), caches ``[B, Hkv, S, D]``, ``visible [B]``:
     row b attends to slots ``0 .. visible[b] - 1`` (clipped to [1, S]) -> ``[B, Hkv, G, D]``:
     ``softmax(q k^T / sqrt(D)) v`` with the softmax in float32."""
-    if not matmul_cpu_available():
+    if not decode_cpu_available():
         raise ValueError("the native CPU decode kernels could not be built (see the warning)")
     b, h, _, d = q.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, h) or k_cache.shape[3] != d:

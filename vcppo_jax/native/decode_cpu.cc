@@ -252,7 +252,11 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
       vd[2] != kd[2] || vd[3] != kd[3] || visible.dimensions()[0] != b_len) {
     return ffi::Error::InvalidArgument("decode_attention: shapes of q, caches, visible disagree");
   }
-  if (b_len * h_len == 0 || s_len == 0) return ffi::Error::Success();
+  if (b_len * h_len == 0) return ffi::Error::Success();
+  if (s_len == 0) {  // Nothing to attend to.
+    std::fill(out->typed_data(), out->typed_data() + b_len * h_len * g_len * d, 0.f);
+    return ffi::Error::Success();
+  }
   const float* qp = q.typed_data();
   const float* kp = k_cache.typed_data();
   const float* vp = v_cache.typed_data();
@@ -269,7 +273,9 @@ ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                 op + i * g_len * d);
     }
   };
-  ParallelFor(pool, b_len * h_len, 4 * b_len * h_len * g_len * s_len * d, fn);
+  int64_t slots = 0;  // Visible slots over the batch: the work, for deciding on threads.
+  for (int64_t b = 0; b < b_len; ++b) slots += std::clamp<int64_t>(vis[b], 1, s_len);
+  ParallelFor(pool, b_len * h_len, 4 * slots * h_len * g_len * d, fn);
   return ffi::Error::Success();
 }
 
