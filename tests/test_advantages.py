@@ -274,7 +274,7 @@ def test_masked_whiten():
     chex.assert_trees_all_equal_shapes(out, x)
 
 
-def test_auto_uses_the_native_kernel_on_cpu_and_falls_back_without_it(monkeypatch):
+def test_auto_uses_the_native_kernel_on_cpu_and_falls_back_without_it(remove_compiler):
     """On one CPU device ``auto`` is the native kernel; without a compiler (or with
     VCPPO_NATIVE=0) it warns once and the pure-JAX solver gives the same numbers."""
     from vcppo_jax import advantages
@@ -289,9 +289,7 @@ def test_auto_uses_the_native_kernel_on_cpu_and_falls_back_without_it(monkeypatc
     want = decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0)
 
     native.gae_cpu_available.cache_clear()
-    monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setenv("VCPPO_NATIVE_CACHE", "/nonexistent-cache")
+    remove_compiler()
     try:
         with pytest.warns(UserWarning, match=r"no C\+\+ compiler found"):
             assert not native.gae_cpu_available()

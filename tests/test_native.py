@@ -58,11 +58,9 @@ def test_packed_matmul_rejects_mismatched_shapes():
         native.packed_matmul(jnp.ones((2, 8)), packed, 200)
 
 
-def test_decode_kernels_unavailable_without_a_compiler(monkeypatch):
+def test_decode_kernels_unavailable_without_a_compiler(remove_compiler):
     native._decode_dll.cache_clear()
-    monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setenv("VCPPO_NATIVE_CACHE", "/nonexistent-cache")
+    remove_compiler()
     try:
         with pytest.warns(UserWarning, match=r"decode kernels are unavailable \(no C\+\+ compiler"):
             assert not native.decode_cpu_available()

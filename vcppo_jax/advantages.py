@@ -292,12 +292,7 @@ def decoupled_gae(
         return empty, empty
     dtype = jnp.float64 if rewards.dtype == jnp.float64 else jnp.float32
     if method == "auto":
-        multi_device = any(
-            isinstance(a, jax.Array)
-            and not isinstance(a, jax.core.Tracer)
-            and len(a.sharding.device_set) > 1
-            for a in (rewards, values, mask)
-        )
+        multi_device = native.on_several_devices(rewards, values, mask)
         per_row = np.ndim(lambda_actor) <= 1 and np.ndim(lambda_critic) <= 1
         method = _pick_method(jax.default_backend(), per_row, dtype, multi_device)
     if method == "native":

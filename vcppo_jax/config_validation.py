@@ -13,6 +13,7 @@ from typing import Any
 import ml_collections
 
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
+from vcppo_jax.sampling import MATMULS
 from vcppo_jax.sharding import MESH_AXES
 
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
@@ -137,7 +138,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     check("rollout.temperature", number_in(0.0, math.inf), "a number >= 0 (0 = greedy)")
     check("rollout.top_p", number_in(0.0, 1.0, lo_open=True), "a number in (0, 1]")
     check("rollout.top_k", non_negative_int, "an integer >= 0 (0 = off)")
-    check("rollout.decode_matmul", *one_of(("auto", "native", "xla")))
+    check("rollout.decode_matmul", *one_of(MATMULS))
     dynamic = check("rollout.dynamic_sampling", lambda x: isinstance(x, bool), "True or False")
     estimator = _get(config, "gae.estimator")
     if samples == 1 and (dynamic or estimator == "grpo"):

@@ -15,8 +15,9 @@ equal a re-scoring by the training forward.
 Decode-step products (``SamplingParams.matmul``): each step multiplies one token per row by
 every weight matrix, so on a CPU it is bound by streaming the weights. ``"native"`` packs the
 weights once per call into contiguous tiles (``models.pack_for_decode``, a float32 copy of the
-actor's weights for the duration of the call) and multiplies with a C++ kernel
-(``vcppo_jax.native``); ``"xla"`` uses XLA's dot; ``"auto"`` picks native on the CPU backend
+actor's weights for the duration of the call) and runs the step's products and its attention
+(over the cache slots each row can see) through C++ kernels (``vcppo_jax.native``); ``"xla"``
+uses XLA's dot and attention; ``"auto"`` picks native on the CPU backend
 for float32 models on one device when the kernel was built, the CPU has AVX-512 and at least
 ``NATIVE_MIN_NEW_TOKENS`` tokens are asked for (packing costs about two decode steps), else xla.
 The two agree up to float32 summation order. The prefill is always XLA's.
@@ -211,7 +212,7 @@ def decode(config: ModelConfig, params, state: DecodeState, sampling: SamplingPa
 NATIVE_MIN_NEW_TOKENS = 32
 
 
-def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int = 256) -> str:
+def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int) -> str:
     """``"auto"`` -> ``"native"`` or ``"xla"`` (see the module docstring); checks ``"native"``."""
     cpu_f32 = (
         jax.default_backend() == "cpu"
@@ -219,10 +220,7 @@ def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int
         and config.param_dtype == "float32"
     )
     if matmul == "auto":
-        sharded = any(
-            isinstance(a, jax.Array) and len(a.sharding.device_set) > 1
-            for a in jax.tree.leaves(params)
-        )
+        sharded = native.on_several_devices(params)
         long_enough = max_new_tokens >= NATIVE_MIN_NEW_TOKENS
         use = cpu_f32 and not sharded and long_enough and native.decode_cpu_preferred()
         return "native" if use else "xla"

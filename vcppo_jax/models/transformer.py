@@ -213,10 +213,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-
         f = cfg.intermediate_size
-        dense = lambda f, axes, name: nn.Dense(
-            f,
+        dense = lambda features, axes, name: nn.Dense(
+            features,
             use_bias=False,
             dtype=cfg.jnp_dtype,
             param_dtype=cfg.jnp_param_dtype,

@@ -94,11 +94,15 @@ def _build(source: str, symbol: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL
     return dll
 
 
+def _native_disabled() -> bool:
+    return os.environ.get("VCPPO_NATIVE", "1") == "0"
+
+
 @functools.cache
 def gae_cpu_available() -> bool:
     """Builds and registers the CPU GAE kernel once per process; False (with one warning) if
     it cannot be built, or when ``VCPPO_NATIVE=0``."""
-    if os.environ.get("VCPPO_NATIVE", "1") == "0":
+    if _native_disabled():
         return False
     try:
         dll = _build(_SOURCE, "VcppoGaeCpu")
@@ -111,10 +115,6 @@ def gae_cpu_available() -> bool:
     jax.ffi.register_ffi_target(GAE_TARGET, jax.ffi.pycapsule(dll.VcppoGaeCpu), platform="cpu")
     jax.ffi.register_ffi_target_as_batch_partitionable(GAE_TARGET)
     return True
-
-
-def _native_disabled() -> bool:
-    return os.environ.get("VCPPO_NATIVE", "1") == "0"
 
 
 @functools.cache
@@ -153,6 +153,22 @@ def decode_cpu_preferred() -> bool:
     return dll is not None and dll.VcppoPackedMatmulVectorWidth() >= 16
 
 
+def _require_decode() -> None:
+    if not decode_cpu_available():
+        raise ValueError("the native CPU decode kernels could not be built (see the warning)")
+
+
+def on_several_devices(*trees) -> bool:
+    """Whether any concrete array in ``trees`` is spread over more than one device: the host
+    kernels would make XLA gather it onto every device, so callers keep XLA's own ops."""
+    return any(
+        isinstance(a, jax.Array)
+        and not isinstance(a, jax.core.Tracer)
+        and len(a.sharding.device_set) > 1
+        for a in jax.tree.leaves(trees)
+    )
+
+
 def pack_kernel(w: jax.Array, *, transposed: bool = False) -> jax.Array:
     """``w [K, N]`` (or ``[N, K]`` with ``transposed``) -> ``[ceil(N / 48), K, 48]``, tiles of
     48 columns stored contiguously, the last one zero-padded. Plain JAX: runs inside jit."""
@@ -165,8 +181,7 @@ def pack_kernel(w: jax.Array, *, transposed: bool = False) -> jax.Array:
 
 def packed_matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """``x [..., K] @ w [K, n]`` with ``w`` packed by ``pack_kernel``: float32 on the host CPU."""
-    if not decode_cpu_available():
-        raise ValueError("the native CPU decode kernels could not be built (see the warning)")
+    _require_decode()
     k = x.shape[-1]
     if packed.ndim != 3 or packed.shape[1:] != (k, TILE) or packed.shape[0] != -(-n // TILE):
         raise ValueError(f"packed kernel {packed.shape} does not fit x [..., {k}] and n={n}")
@@ -185,8 +200,7 @@ def decode_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, visib
     ``q [B, Hkv, G, D]`` (G query heads per KV head), caches ``[B, Hkv, S, D]``, ``visible [B]``:
     row b attends to slots ``0 .. visible[b] - 1`` (clipped to [1, S]) -> ``[B, Hkv, G, D]``:
     ``softmax(q k^T / sqrt(D)) v`` with the softmax in float32."""
-    if not decode_cpu_available():
-        raise ValueError("the native CPU decode kernels could not be built (see the warning)")
+    _require_decode()
     b, h, _, d = q.shape
     if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (b, h) or k_cache.shape[3] != d:
         raise ValueError(
