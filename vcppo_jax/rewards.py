@@ -68,6 +68,24 @@ def _math_verify_one(pred_text: str, gold: str) -> bool:
     return bool(verify(parse(gold_expr), parse(pred_text)))
 
 
+def _start_verifier_worker(barrier, load_math_verify: bool) -> None:
+    """Pool initializer: import math-verify (seconds on a busy machine) and wait until every
+    worker has, so that start-up never counts against an answer's timeout."""
+    if load_math_verify:
+        try:
+            import math_verify  # noqa: F401
+        except ImportError:  # Each answer then fails alone and is counted as an error.
+            pass
+    barrier.wait()
+
+
+def _ready() -> bool:
+    return True
+
+
+STARTUP_TIMEOUT_S = 300.0
+
+
 @dataclasses.dataclass
 class VerifyResult:
     correct: np.ndarray  # [B] bool
@@ -89,7 +107,25 @@ class MathVerifier:
     def _get_pool(self):
         if self._pool is None:
             ctx = multiprocessing.get_context("spawn")
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
+            pool = cf.ProcessPoolExecutor(
+                self.workers,
+                mp_context=ctx,
+                initializer=_start_verifier_worker,
+                initargs=(ctx.Barrier(self.workers), self.verify_fn is _math_verify_one),
+            )
+            # Start every worker (one task each; the barrier holds them until all are up) before
+            # any per-answer clock runs: a first call on a loaded machine once timed out on
+            # worker start-up alone, so two identical runs counted different timeouts.
+            try:
+                for fut in [pool.submit(_ready) for _ in range(self.workers)]:
+                    fut.result(timeout=STARTUP_TIMEOUT_S)
+            except cf.TimeoutError as e:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(
+                    f"the answer-verifier pool ({self.workers} processes) did not start within "
+                    f"{STARTUP_TIMEOUT_S:.0f} s"
+                ) from e
+            self._pool = pool
         return self._pool
 
     def _reset(self):
