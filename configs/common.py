@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.digits = 2  # Difficulty of each step.
     c.data.direct_fraction = 0.3  # Share of SFT demonstrations that take the short route.
     c.data.tokenizer_vocab_size = 48
+    # Demonstration batches (SFT, reward model) are padded to a multiple of this many tokens,
+    # so that long answers of varying length do not compile a new step for every batch.
+    c.data.pad_multiple = 1
     # data.task = "math": a real prompt set with model.hf_path (its tokenizer.json is used).
     c.data.train_files = ""  # Comma-separated .jsonl / .parquet files of {problem, answer}.
     c.data.eval_files = ""  # Held-out set; default: the training files.
@@ -136,6 +139,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Where the critic starts: "reward_model" (the paper's failing baseline), "policy" (the
     # policy's backbone with a fresh value head) or "value_pretrain" (VC-PPO).
     c.critic.init = "value_pretrain"
+    # A controlled bias on unfinished prefixes, applied when the critic is first set up,
+    # whatever it starts from (value pretraining, when on, starts from the biased critic):
+    # "constant" adds init_offset to the value head's bias (every state); "linear" adds a
+    # trainable per-token table, init_offset * (1 - t / rollout.max_new_tokens) on response
+    # token t, so the under-valuing grows with the distance from the end of the answer.
+    # 0 = the critic as it starts. Swept by experiments/collapse_map.py.
+    c.critic.init_offset = 0.0
+    c.critic.init_offset_profile = "constant"
 
     # Value pretraining (VC-PPO section 4.1): fixed policy, Monte Carlo targets (lambda = 1).
     c.value_pretrain = ml_collections.ConfigDict()

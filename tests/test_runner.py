@@ -315,3 +315,43 @@ def test_grpo_and_every_ppo_option_run(tmp_path):
     assert extras.returncode == 0, extras.stderr[-3000:]
     ppo = [r for r in rows(str(tmp_path / "extras")) if r["stage"] == "ppo"]
     assert "rollout/kept_fraction" in ppo[0] and "actor/dual_clip_fraction" in ppo[0]
+
+
+def test_critic_init_offset_biases_the_starting_critic(full_run, tmp_path):
+    """critic.init_offset shifts the critic's output when it is set up, whatever it starts
+    from; value pretraining starts from the shifted critic; the linear profile grows the
+    under-valuing with the distance from the end. Every PPO step logs the mechanism."""
+    flags = ("--config.critic.init=policy", "--config.critic.init_offset=-2.0")
+    wd = str(tmp_path / "constant")
+    out = run_main(wd, *flags, config="configs/ppo.py:smoke")
+    assert out.returncode == 0, out.stderr[-3000:]
+    ppo = [r for r in rows(wd) if r["stage"] == "ppo"]
+    # A fresh value head outputs 0, so the first step's values are the offset itself.
+    assert abs(ppo[0]["gae/value_first_token"] + 2.0) < 1e-5
+    for key in (
+        "mechanism/reward_long",
+        "mechanism/advantage_first_tokens_q1",
+        "mechanism/advantage_first_tokens_q4",
+        "mechanism/critic_speed",
+        "mechanism/actor_speed",
+    ):
+        assert key in ppo[0], key
+
+    wd = str(tmp_path / "linear")
+    out = run_main(
+        wd, *flags, "--config.critic.init_offset_profile=linear", config="configs/ppo.py:smoke"
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(os.path.join(wd, "position_profile.json")) as f:
+        value = json.load(f)["value"]
+    n = 32  # rollout.max_new_tokens of the smoke variant
+    for t in (0, 1, 2):
+        assert abs(value[t] - (-2.0 * (1 - t / n))) < 1e-5, (t, value[t])
+
+    # VC-PPO: value pretraining starts from the shifted critic (the unshifted run is otherwise
+    # the same run).
+    wd = str(tmp_path / "vcppo")
+    out = run_main(wd, "--config.critic.init_offset=-2.0", "--config.ppo.steps=1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    vp = lambda rs: [r for r in rs if r["stage"] == "value_pretrain"][0]["critic/value_mean"]
+    assert abs(vp(rows(wd)) + 2.0) < 0.05 and abs(vp(rows(full_run[0]))) < 0.05

@@ -89,3 +89,25 @@ def test_critic_step_fits_returns_and_actor_step_follows_advantages():
     new_logp = steps.score_rollout(CFG, actor.params, tokens, positions)
     gain = (new_logp - old_logp) * mask
     assert float(gain.sum()) > 0
+
+
+def test_position_offset_table_adds_per_response_token():
+    """critic.init_offset_profile='linear' stores a per-response-token table beside the model;
+    the critic's values are the model's plus the table at each response index."""
+    tokens, positions, _ = batch()
+    critic = models.init_params(CFG, jax.random.key(1), "value")
+    critic["value_head"]["kernel"] = jnp.ones_like(critic["value_head"]["kernel"])
+    plain = steps.response_values(CFG, critic, tokens, positions)
+    table = jnp.linspace(-2.0, 0.0, 8)
+    shifted = steps.response_values(CFG, {**critic, "position_offset": table}, tokens, positions)
+    np.testing.assert_allclose(np.asarray(shifted - plain), np.tile(table[:6], (3, 1)), atol=1e-6)
+    # The table is trainable like any other critic parameter.
+    state = steps.TrainState.create(
+        {**critic, "position_offset": table}, steps.make_optimizer(1e-2, grad_clip=1.0)
+    )
+    before = np.asarray(table)
+    mask = jnp.ones((3, 6))
+    new, _ = steps.critic_step(CFG, state, tokens, positions, mask, jnp.zeros((3, 6)), shifted)
+    after = np.asarray(new.params["position_offset"])
+    assert not np.allclose(after[:6], before[:6])
+    np.testing.assert_array_equal(after[6:], before[6:])  # Indices past the batch: no gradient.

@@ -17,6 +17,7 @@ from vcppo_jax.sampling import MATMULS
 from vcppo_jax.sharding import MESH_AXES
 
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
+OFFSET_PROFILES = ("constant", "linear")
 ESTIMATORS = ("gae", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
@@ -159,6 +160,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         check(f"{who}.grad_clip", number_in(0.0, math.inf, lo_open=True), "a positive number")
         check(f"{who}.weight_decay", non_negative, "a number >= 0")
     init = check("critic.init", *one_of(CRITIC_INITS))
+    check("critic.init_offset", _is_number, "a finite number (0 = no offset)")
+    check("critic.init_offset_profile", *one_of(OFFSET_PROFILES))
     vp_enabled = check("value_pretrain.enabled", lambda x: isinstance(x, bool), "True or False")
     check("value_pretrain.steps", non_negative_int, "an integer >= 0")
     check("value_pretrain.lambda_", unit, "a number in [0, 1]")
@@ -191,6 +194,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     check("data.digits", lambda x: positive_int(x) and x <= 6, "an integer in [1, 6]")
     check("data.direct_fraction", unit, "a number in [0, 1]")
     check("data.tokenizer_vocab_size", lambda x: positive_int(x) and x >= 20, "an integer >= 20")
+    check("data.pad_multiple", positive_int, "a positive integer")
     for stage in ("sft", "reward_model"):
         check(f"{stage}.steps", non_negative_int, "an integer >= 0")
         check(f"{stage}.batch_size", positive_int, "an integer >= 1")

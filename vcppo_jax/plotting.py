@@ -111,6 +111,55 @@ def vp_title(key: str) -> str:
     return f"value pretraining: {key.split('/')[1].replace('_', ' ')}"
 
 
+# The collapse condition by PPO step (vcppo_jax.runner.mechanism_metrics): title -> keys.
+MECHANISM_PANELS = (
+    (
+        "critic value on prefixes vs reward (short / long answers)",
+        ("mechanism/value_prefix_short", "mechanism/reward_short", "mechanism/reward_long"),
+    ),
+    ("collapse margin: reward_short - value_prefix_short", ("mechanism/collapse_margin",)),
+    (
+        "advantage of the first tokens by route",
+        ("mechanism/advantage_first_tokens_short", "mechanism/advantage_first_tokens_long"),
+    ),
+    (
+        "advantage of the first tokens by length quartile",
+        tuple(f"mechanism/advantage_first_tokens_q{q}" for q in range(1, 5)),
+    ),
+    ("critic speed: mean |V after - V before| per step", ("mechanism/critic_speed",)),
+    ("actor speed: mean |log p after - log p before| per step", ("mechanism/actor_speed",)),
+)
+
+
+def _mean_series(all_rows: list[list[dict]], key: str) -> tuple[list, list]:
+    """Mean over runs at the PPO steps where every run that has the key logged it."""
+    curves = [dict(zip(*_series(rows, "ppo", key), strict=True)) for rows in all_rows]
+    curves = [c for c in curves if c]
+    if not curves:
+        return [], []
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
+
+
+def plot_mechanism(runs: dict[str, list[list[dict]]], path: str) -> str | None:
+    """runs: label -> metric rows of one or several runs (averaged). One panel per part of the
+    collapse condition; a label per run and key. None when no run logged the mechanism."""
+    panels = []
+    for title, keys in MECHANISM_PANELS:
+        series = {}
+        for label, all_rows in runs.items():
+            for key in keys:
+                x, y = _mean_series(all_rows, key)
+                name = key.split("/")[1].replace("advantage_first_tokens_", "")
+                series[label if len(keys) == 1 else f"{label}: {name}"] = (x, y)
+        if any(len(x) for x, _ in series.values()):
+            panels.append((title, "PPO step", series))
+    if not panels:
+        return None
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    return save_panels(path, panels, ncols=3)
+
+
 def plot_runs(runs: dict[str, str], out_dir: str) -> list[str]:
     """runs: label -> workdir (or metrics.jsonl). Returns the PNG paths written."""
     os.makedirs(out_dir, exist_ok=True)
@@ -120,6 +169,11 @@ def plot_runs(runs: dict[str, str], out_dir: str) -> list[str]:
         for key, stage, title in PPO_PANELS
     ]
     written = [save_panels(os.path.join(out_dir, "ppo_curves.png"), panels, ncols=3)]
+    mech = plot_mechanism(
+        {label: [rows] for label, rows in data.items()}, os.path.join(out_dir, "mechanism.png")
+    )
+    if mech:
+        written.append(mech)
     vp = {k: rows for k, rows in data.items() if any(r["stage"] == "value_pretrain" for r in rows)}
     if vp:
         panels = [

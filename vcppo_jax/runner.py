@@ -128,6 +128,52 @@ def _pad_rows(rows: list[list[int]], width: int, pad: int) -> np.ndarray:
     return out
 
 
+FIRST_TOKENS = 5  # "First tokens" in the mechanism metrics: the length of a direct answer.
+
+
+def mechanism_metrics(
+    adv: np.ndarray,
+    values: np.ndarray,
+    rewards_: np.ndarray,
+    mask: np.ndarray,
+    lengths: np.ndarray,
+    direct: np.ndarray,
+) -> dict[str, float]:
+    """The collapse condition of one PPO batch (host arrays, ``[B, T]`` response-aligned,
+    advantages before whitening).
+
+    With lambda < 1 a short answer's first token receives about lambda^T (R_short - V) of its
+    terminal signal and a long answer's almost none, so early stopping pays only while the
+    critic's value on unfinished prefixes lies below the mean reward of short answers:
+    ``collapse_margin = reward_short - value_prefix_short`` > 0 pushes the policy towards
+    short answers. Also the first tokens' advantage by route and by length quartile.
+    """
+    out: dict[str, float] = {}
+    seq_reward = rewards_.sum(1)
+    k = min(FIRST_TOKENS, adv.shape[1])
+    first = mask[:, :k]
+    adv_first = (adv[:, :k] * first).sum(1) / np.maximum(first.sum(1), 1)  # [B]
+    val_prefix = (values * mask).sum(1) / np.maximum(mask.sum(1), 1)  # [B] mean over states
+    val_first = (values[:, :k] * first).sum(1) / np.maximum(first.sum(1), 1)
+    out["mechanism/value_first_tokens"] = float(val_first.mean())
+    for route, sel in (("short", direct), ("long", ~direct)):
+        if sel.any():
+            out[f"mechanism/reward_{route}"] = float(seq_reward[sel].mean())
+            out[f"mechanism/value_prefix_{route}"] = float(val_prefix[sel].mean())
+            out[f"mechanism/advantage_first_tokens_{route}"] = float(adv_first[sel].mean())
+    if direct.any():
+        out["mechanism/collapse_margin"] = (
+            out["mechanism/reward_short"] - out["mechanism/value_prefix_short"]
+        )
+    # Quartiles of response length within the batch (q1 = shortest quarter).
+    order = np.argsort(lengths, kind="stable")
+    for q, idx in enumerate(np.array_split(order, 4), start=1):
+        if len(idx):
+            out[f"mechanism/advantage_first_tokens_q{q}"] = float(adv_first[idx].mean())
+            out[f"mechanism/length_q{q}"] = float(np.mean(lengths[idx]))
+    return out
+
+
 class Experiment:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
@@ -332,9 +378,30 @@ class Experiment:
         self.rm_tx = steps.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
         self.policy = self._new_state(policy_params, self.actor_tx)
         self.sft_state = self._new_state(_copy(policy_params), self.sft_tx)
-        self.critic = self._new_state(init(k_crit, "value"), self.critic_tx)
+        self.critic = self._new_state(self._critic_params(init(k_crit, "value")), self.critic_tx)
         self.reward_model = self._new_state(init(k_rm, "value"), self.rm_tx)
         self.reference = _copy(policy_params)
+
+    def _critic_params(self, params, offset: float = 0.0) -> dict:
+        """A value model's parameters as the critic holds them: with critic.init_offset added
+        to its output on every state ("constant": the value head's bias) or as a per-response-
+        token table ("linear": ``offset * (1 - t / rollout.max_new_tokens)``)."""
+        c = self.config
+        params = dict(params)
+        if c.critic.init_offset_profile == "linear":
+            n = c.rollout.max_new_tokens
+            table = offset * (1.0 - np.arange(n, dtype=np.float32) / n)
+            params["position_offset"] = self._replicated(table.astype(np.float32))
+        elif offset:
+            head = dict(params["value_head"])
+            head["bias"] = head["bias"] + jnp.asarray(offset, head["bias"].dtype)
+            params["value_head"] = head
+        return params
+
+    def _replicated(self, x) -> jax.Array:
+        x = np.asarray(x)
+        shard = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
 
     def _state_tree(self) -> dict:
         pack = lambda s: {"params": s.params, "opt_state": s.opt_state, "step": s.step}
@@ -457,8 +524,10 @@ class Experiment:
         tok = self.tokenizer
         p_ids = [tok.encode(tok.format_prompt(p), add_bos=True) for p in prompts]
         r_ids = [tok.encode(r, add_eos=add_eos) for r in responses]
-        n = max(len(r) for r in r_ids)
-        width = max(len(p) for p in p_ids) + n
+        # Widths rounded up to data.pad_multiple: fewer distinct shapes, fewer compilations.
+        up = lambda x: -(-x // self.config.data.pad_multiple) * self.config.data.pad_multiple
+        n = up(max(len(r) for r in r_ids))
+        width = up(max(len(p) for p in p_ids) + n)
         tokens = _pad_rows([p + r for p, r in zip(p_ids, r_ids, strict=True)], width, tok.pad_id)
         plen = np.array([len(p) for p in p_ids])
         rlen = np.array([len(r) for r in r_ids])
@@ -690,6 +759,16 @@ class Experiment:
                 if sel.any():
                     gae_metrics[f"gae/advantage_first_token_{route}"] = float(adv0[sel].mean())
                     gae_metrics[f"gae/value_first_token_{route}"] = float(v0[sel].mean())
+            gae_metrics.update(
+                mechanism_metrics(
+                    self._host(advantages),
+                    self._host(values),
+                    r_np,
+                    self._host(mask),
+                    batch.lengths,
+                    batch.direct,
+                )
+            )
             if step == 0:
                 _, mc = adv_lib.decoupled_gae(  # Monte Carlo returns: what values should be.
                     r,
@@ -743,6 +822,21 @@ class Experiment:
                 metrics.append({**m, **am})
         jax.block_until_ready(self.policy.params)
         train_s = time.time() - t1
+        # How far this step's updates moved each model's outputs on the step's own batch.
+        new_logp = steps.score_rollout(
+            self.model_config, self.policy.params, batch.tokens, batch.positions, temp
+        )
+        info["mechanism/actor_speed"] = float(
+            adv_lib.masked_mean(jnp.abs(new_logp - old_logp), mask)
+        )
+        if values is not None:
+            new_values = steps.critic_values(
+                self.model_config, self.critic.params, batch.tokens, batch.positions
+            )
+            info["mechanism/critic_speed"] = float(
+                adv_lib.masked_mean(jnp.abs(new_values - values), mask)
+            )
+            info["mechanism/value_first_token_after"] = float(self._host(new_values[:, 0]).mean())
         out = _mean_metrics(metrics)
         out.update(gae_metrics)
         out.update(self._rollout_metrics(batch, correct, r))
@@ -807,9 +901,15 @@ class Experiment:
             # starts from critic.init.
             start = c.value_pretrain.init if stage == "value_pretrain" else c.critic.init
             if start == "reward_model":
-                self.critic = self._new_state(_copy(self.reward_model.params), self.critic_tx)
+                params = _copy(self.reward_model.params)
             elif start == "policy":
-                self.critic = self._on_policy_backbone(self.critic, self.critic_tx)
+                params = self._on_policy_backbone(self.critic, self.critic_tx).params
+            else:
+                params = self.critic.params
+            params = {k: v for k, v in params.items() if k != "position_offset"}
+            self.critic = self._new_state(
+                self._critic_params(params, c.critic.init_offset), self.critic_tx
+            )
         if stage == "reward_model" and c.reward_model.init == "policy":
             self.reward_model = self._on_policy_backbone(self.reward_model, self.rm_tx)
         if stage == "ppo":

@@ -235,8 +235,11 @@ def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int
     return matmul
 
 
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Next power of two >= n (at least ``minimum``): the padded prompt length."""
+def bucket_length(n: int, minimum: int = 16, step: int = 32) -> int:
+    """The padded prompt length: the next power of two >= n (at least ``minimum``) up to
+    ``step``, then the next multiple of ``step`` (a 72-token prompt pads to 96, not 128)."""
+    if n > step:
+        return -(-n // step) * step
     return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 

@@ -76,8 +76,11 @@ def response_logprobs(config, params, tokens, positions, temperature=1.0, with_e
 def response_values(config, params, tokens, positions):
     """V(s_t) for each response token t: the critic's output on the prefix before it, i.e. at
     slot ``position - 1``. -> [B, N] float32."""
-    v = models.values(config, params, tokens)
-    return gather_positions(v, positions - 1)
+    model_params = {k: p for k, p in params.items() if k != "position_offset"}
+    v = gather_positions(models.values(config, model_params, tokens), positions - 1)
+    if "position_offset" in params:  # critic.init_offset_profile="linear": per response token.
+        v = v + params["position_offset"][None, : v.shape[1]]
+    return v
 
 
 # ----------------------------------------------------------------------------------------------
