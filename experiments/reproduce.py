@@ -153,6 +153,14 @@ def run_method(
 
 
 BIAS_TOKENS = 5  # Early positions where the paper's value-initialisation bias acts.
+MECHANISM_STEPS = 5  # The study summary averages the mechanism over the first PPO steps.
+MECHANISM_KEYS = (
+    "collapse_margin",
+    "advantage_first_tokens_short",
+    "advantage_first_tokens_long",
+    "critic_speed",
+    "actor_speed",
+)
 
 
 def summarise_run(wd: str) -> dict:
@@ -170,9 +178,15 @@ def summarise_run(wd: str) -> dict:
     if "eval/direct_fraction" in evals[0]:  # Share of sampled answers on the short route.
         out["initial_direct_fraction"] = evals[0]["eval/direct_fraction"]
         out["final_direct_fraction"] = evals[-1]["eval/direct_fraction"]
-    lengths = [r["rollout/response_length_mean"] for r in rows if r["stage"] == "ppo"]
+    ppo = [r for r in rows if r["stage"] == "ppo"]
+    lengths = [r["rollout/response_length_mean"] for r in ppo]
     if lengths:
         out["min_rollout_length"] = min(lengths)
+    # The collapse condition over the first MECHANISM_STEPS PPO steps (runner.mechanism_metrics).
+    for key in MECHANISM_KEYS:
+        v = [r[f"mechanism/{key}"] for r in ppo[:MECHANISM_STEPS] if f"mechanism/{key}" in r]
+        if v:
+            out[f"mechanism_{key}"] = float(np.mean(v))
     prof = plotting.load_profile(wd)
     if prof is not None and "value_minus_return" in prof:
         # The critic at the first PPO step, over the first BIAS_TOKENS response tokens.
@@ -263,6 +277,9 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         return steps, [float(np.mean([c[s] for c in curves])) for s in steps]
 
     written = []
+    mech = plotting.plot_mechanism(metrics, os.path.join(fig_dir, "mechanism.png"))
+    if mech:
+        written.append(mech)
     for key, stage, title, fname in (
         ("rollout/response_length_mean", "ppo", "response length (tokens)", "response_length.png"),
         ("eval/accuracy", "eval", "held-out accuracy (greedy)", "eval_accuracy.png"),

@@ -35,7 +35,14 @@ def fake_run(wd, acc0, acc1, len0, len1, with_vp):
         }
     ]
     rows += [
-        {"step": s, "stage": "ppo", "rollout/response_length_mean": len0 + s} for s in range(4)
+        {
+            "step": s,
+            "stage": "ppo",
+            "rollout/response_length_mean": len0 + s,
+            "mechanism/collapse_margin": 0.1 * s,
+            "mechanism/critic_speed": 0.2,
+        }
+        for s in range(4)
     ]
     rows += [
         {
@@ -88,6 +95,8 @@ def test_summary_tables_and_figures(tmp_path):
             "min_rollout_length": 30.0,
             "critic_bias_first_tokens": -0.1,  # Mean of (0.1 - 0.5, 0.2 - 0.0).
             "advantage_first_tokens": 0.2,
+            "mechanism_collapse_margin": 0.15,  # Mean over the logged PPO steps (0, .1, .2, .3).
+            "mechanism_critic_speed": 0.2,
         }
     )
     summary = {
@@ -103,6 +112,7 @@ def test_summary_tables_and_figures(tmp_path):
     figs = reproduce.draw(out, runs)
     assert sorted(os.path.basename(f) for f in figs) == [
         "eval_accuracy.png",
+        "mechanism.png",
         "response_length.png",
         "value_advantage_by_position.png",
         "value_pretraining.png",

@@ -230,3 +230,10 @@ def test_native_decode_matmuls_agree_with_xla_and_auto_picks_them():
     assert sampling.resolve_matmul(config, params, "auto", 8) == "xla"  # Packing not repaid.
     bf16 = config.replace(dtype="bfloat16")
     assert sampling.resolve_matmul(bf16, params, "auto", 64) == "xla"
+
+
+def test_prompt_buckets():
+    """Powers of two up to 32 tokens, then steps of 32 (a long prompt is not padded to twice
+    its length)."""
+    got = [sampling.bucket_length(n) for n in (1, 12, 16, 17, 32, 33, 72, 96, 130)]
+    assert got == [16, 16, 16, 32, 32, 64, 96, 96, 160]
