@@ -268,14 +268,6 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
     os.makedirs(fig_dir, exist_ok=True)
     metrics = {m: [read_metrics(wd) for wd in wds] for m, wds in runs.items()}
 
-    def mean_curve(all_rows, stage, key):
-        curves = [
-            {r["step"]: r[key] for r in rows if r["stage"] == stage and key in r}
-            for rows in all_rows
-        ]
-        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-        return steps, [float(np.mean([c[s] for c in curves])) for s in steps]
-
     written = []
     mech = plotting.plot_mechanism(metrics, os.path.join(fig_dir, "mechanism.png"))
     if mech:
@@ -284,7 +276,7 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         ("rollout/response_length_mean", "ppo", "response length (tokens)", "response_length.png"),
         ("eval/accuracy", "eval", "held-out accuracy (greedy)", "eval_accuracy.png"),
     ):
-        series = {m: mean_curve(rows, stage, key) for m, rows in metrics.items()}
+        series = {m: plotting.mean_curve(rows, stage, key) for m, rows in metrics.items()}
         panel = (f"{title}, mean over seeds", "PPO step", series)
         written.append(plotting.save_panels(os.path.join(fig_dir, fname), [panel], ncols=1))
 
@@ -330,7 +322,7 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
             (
                 plotting.vp_title(key),
                 "value-pretraining step",
-                {m: mean_curve(rows, "value_pretrain", key) for m, rows in vp.items()},
+                {m: plotting.mean_curve(rows, "value_pretrain", key) for m, rows in vp.items()},
             )
             for key in plotting.VP_KEYS
         ]

@@ -14,6 +14,7 @@ import json
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -131,14 +132,12 @@ MECHANISM_PANELS = (
 )
 
 
-def _mean_series(all_rows: list[list[dict]], key: str) -> tuple[list, list]:
-    """Mean over runs at the PPO steps where every run that has the key logged it."""
-    curves = [dict(zip(*_series(rows, "ppo", key), strict=True)) for rows in all_rows]
-    curves = [c for c in curves if c]
-    if not curves:
-        return [], []
-    steps = sorted(set.intersection(*(set(c) for c in curves)))
-    return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
+def mean_curve(all_rows: list[list[dict]], stage: str, key: str) -> tuple[list, list]:
+    """Mean of ``key`` over several runs' metric rows, at the steps of ``stage`` where every
+    run logged it."""
+    curves = [dict(zip(*_series(rows, stage, key), strict=True)) for rows in all_rows]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return steps, [float(np.mean([c[s] for c in curves])) for s in steps]
 
 
 def plot_mechanism(runs: dict[str, list[list[dict]]], path: str) -> str | None:
@@ -149,7 +148,7 @@ def plot_mechanism(runs: dict[str, list[list[dict]]], path: str) -> str | None:
         series = {}
         for label, all_rows in runs.items():
             for key in keys:
-                x, y = _mean_series(all_rows, key)
+                x, y = mean_curve(all_rows, "ppo", key)
                 name = key.split("/")[1].replace("advantage_first_tokens_", "")
                 series[label if len(keys) == 1 else f"{label}: {name}"] = (x, y)
         if any(len(x) for x, _ in series.values()):

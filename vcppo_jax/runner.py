@@ -387,11 +387,11 @@ class Experiment:
         to its output on every state ("constant": the value head's bias) or as a per-response-
         token table ("linear": ``offset * (1 - t / rollout.max_new_tokens)``)."""
         c = self.config
-        params = dict(params)
+        params = {k: v for k, v in params.items() if k != "position_offset"}  # Set afresh.
         if c.critic.init_offset_profile == "linear":
             n = c.rollout.max_new_tokens
             table = offset * (1.0 - np.arange(n, dtype=np.float32) / n)
-            params["position_offset"] = self._replicated(table.astype(np.float32))
+            params["position_offset"] = self._replicated(table)
         elif offset:
             head = dict(params["value_head"])
             head["bias"] = head["bias"] + jnp.asarray(offset, head["bias"].dtype)
@@ -399,6 +399,7 @@ class Experiment:
         return params
 
     def _replicated(self, x) -> jax.Array:
+        """A host array (the same on every process) -> a global array replicated on the mesh."""
         x = np.asarray(x)
         shard = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
@@ -434,10 +435,9 @@ class Experiment:
         """A host array (the same on every process) -> a global array, the batch dimension
         split over the mesh's batch axes when it divides, else replicated."""
         x = np.asarray(x)
-        if x.ndim and x.shape[0] % self._batch_shards == 0:
-            shard = sharding.batch_sharding(self.mesh, self.rules, x.ndim)
-        else:
-            shard = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        if not (x.ndim and x.shape[0] % self._batch_shards == 0):
+            return self._replicated(x)
+        shard = sharding.batch_sharding(self.mesh, self.rules, x.ndim)
         return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
 
     @staticmethod
@@ -746,7 +746,8 @@ class Experiment:
                 lambda_actor=lam_actor,
                 lambda_critic=c.gae.lambda_critic,
             )
-            adv0, v0 = self._host(advantages[:, 0]), self._host(values[:, 0])
+            adv_h, values_h = self._host(advantages), self._host(values)  # [B, T] on the host
+            adv0, v0 = adv_h[:, 0], values_h[:, 0]
             gae_metrics = {
                 "gae/advantage_mean": float(adv_lib.masked_mean(advantages, mask)),
                 "gae/advantage_first_token": float(adv0.mean()),
@@ -761,12 +762,7 @@ class Experiment:
                     gae_metrics[f"gae/value_first_token_{route}"] = float(v0[sel].mean())
             gae_metrics.update(
                 mechanism_metrics(
-                    self._host(advantages),
-                    self._host(values),
-                    r_np,
-                    self._host(mask),
-                    batch.lengths,
-                    batch.direct,
+                    adv_h, values_h, r_np, self._host(mask), batch.lengths, batch.direct
                 )
             )
             if step == 0:
@@ -903,25 +899,27 @@ class Experiment:
             if start == "reward_model":
                 params = _copy(self.reward_model.params)
             elif start == "policy":
-                params = self._on_policy_backbone(self.critic, self.critic_tx).params
+                params = self._on_policy_backbone(self.critic.params)
             else:
                 params = self.critic.params
-            params = {k: v for k, v in params.items() if k != "position_offset"}
             self.critic = self._new_state(
                 self._critic_params(params, c.critic.init_offset), self.critic_tx
             )
         if stage == "reward_model" and c.reward_model.init == "policy":
-            self.reward_model = self._on_policy_backbone(self.reward_model, self.rm_tx)
+            self.reward_model = self._new_state(
+                self._on_policy_backbone(self.reward_model.params), self.rm_tx
+            )
         if stage == "ppo":
             # The critic's optimiser starts afresh; the reference is the starting policy.
             self.critic = self._new_state(self.critic.params, self.critic_tx)
             self.reference = _copy(self.policy.params)
 
-    def _on_policy_backbone(self, value_state: steps.TrainState, tx) -> steps.TrainState:
-        """A value model on (a copy of) the policy's backbone, keeping its own fresh value head."""
-        params = dict(value_state.params)
+    def _on_policy_backbone(self, value_params: dict) -> dict:
+        """A value model's parameters on (a copy of) the policy's backbone, keeping its own fresh
+        value head."""
+        params = dict(value_params)
         params["decoder"] = _copy(self.policy.params["decoder"])
-        return self._new_state(params, tx)
+        return params
 
     def _exit_stage(self, stage: str) -> None:
         if stage == "sft":  # The fine-tuned weights become the policy, with PPO's optimiser.
