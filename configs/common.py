@@ -11,7 +11,7 @@ from ml_collections import config_dict
 
 from vcppo_jax import sharding
 
-VARIANTS = ("smoke", "tiny", "small", "qwen2.5-32b")
+VARIANTS = ("smoke", "tiny", "long", "small", "qwen2.5-32b")
 
 
 def parse_arg(arg: str | None, default: str = "tiny") -> str:
@@ -45,6 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.task = "addition"
     c.data.num_terms = 5  # Chain length: partial sums written in a full solution.
     c.data.digits = 2  # Difficulty of each step.
+    # Name each term with a letter and each written step with its term's letter (at most 52
+    # terms): the next term is then found by name, which is what lets a small model learn
+    # chains of 30+ terms (the `long` variant). See vcppo_jax/data/synthetic.py.
+    c.data.labels = False
     c.data.direct_fraction = 0.3  # Share of SFT demonstrations that take the short route.
     c.data.tokenizer_vocab_size = 48
     # Demonstration batches (SFT, reward model) are padded to a multiple of this many tokens,
@@ -63,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.sft.steps = 300
     c.sft.batch_size = 64
     c.sft.learning_rate = 1e-3
+    # > 0: demonstrations of chains of min_terms..data.num_terms terms (uniform), the same
+    # steps for less compute per example; 0 = every demonstration at data.num_terms.
+    c.sft.min_terms = 0
     # Start from another run's SFT policy instead of training one: that run's workdir (or its
     # ``sft_policy`` export). Its seed, model and task settings must equal this config's. The
     # study driver trains one SFT policy per seed and starts every method from it.
@@ -162,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 10
     c.eval.num_prompts = 128
     c.eval.num_samples = 4  # Sampled answers per prompt: sampled accuracy and pass@k.
+    # Synthetic task: also the greedy accuracy of each route, forced by writing its first
+    # tokens (eval/accuracy_greedy_{direct,written}_route): is writing the steps worth it?
+    c.eval.route_accuracy = True
     c.log_every_steps = 1
     c.checkpoint_every_steps = 10
     # Stop (with a checkpoint) after this many steps in this invocation; None = run to the end.
@@ -205,6 +215,23 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         c.ppo.update(steps=60, minibatches=4)
         c.value_pretrain.steps = 30
         c.eval.update(every_steps=10, num_prompts=128)
+        c.actor.learning_rate = 1e-4
+        c.critic.learning_rate = 3e-4
+    elif variant == "long":  # The long-CoT regime on a CPU: ~340-token written answers.
+        # 30 labelled single-digit terms: written solutions of 315-355 tokens (mean 337), the
+        # direct answer 6, the prompt ~63. Labels make the term look-up learnable by the tiny
+        # model (vcppo_jax/data/synthetic.py); it takes ~1200 SFT steps (~29 min on 2 cores).
+        # The reward model is trained 200 steps (not tiny's 600) to keep a run under 20 min.
+        c.data.update(
+            num_terms=30, digits=1, labels=True, tokenizer_vocab_size=96, pad_multiple=16
+        )
+        c.sft.update(steps=1200, batch_size=32, learning_rate=3e-3)
+        c.reward_model.update(steps=200, batch_size=32)
+        c.rollout.update(prompts_per_step=16, samples_per_prompt=2, max_new_tokens=384)
+        c.ppo.update(steps=30, minibatches=4)
+        c.value_pretrain.steps = 30
+        c.eval.update(every_steps=10, num_prompts=64, num_samples=2)
+        c.checkpoint_every_steps = 10
         c.actor.learning_rate = 1e-4
         c.critic.learning_rate = 3e-4
     elif variant == "small":  # One GPU.

@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from experiments import reproduce
+from experiments import archive, reproduce
 from vcppo_jax import plotting
 from vcppo_jax.metrics import read_metrics
 
@@ -231,6 +231,12 @@ def main() -> None:
     parser.add_argument("--critic_start", default="policy", choices=("policy", "reward_model"))
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     parser.add_argument(
+        "--archive",
+        default=None,
+        help="folder of committed finished runs (experiments/archive.py): reused, and every "
+        "run is copied there when it finishes",
+    )
+    parser.add_argument(
         "--report_only",
         action="store_true",
         help="run nothing: summarise the finished runs of the grid (a partial map) and draw",
@@ -289,10 +295,17 @@ def main() -> None:
                     f"--config.sft.init_from={sft[(seed, n)]}",
                 )  # fmt: skip
                 if args.report_only:
-                    if not os.path.exists(os.path.join(wd, "DONE")):
+                    archived = reproduce._archived(args.archive, args.out, wd)
+                    if not (
+                        os.path.exists(os.path.join(wd, "DONE"))
+                        or (archived and archive.restore(archived, wd))
+                    ):
                         continue
                 else:
-                    reproduce._run(f"{cell} {method} seed {seed}", wd, cmd, args.dry_run)
+                    reproduce._run(
+                        f"{cell} {method} seed {seed}", wd, cmd, args.dry_run,
+                        reproduce._archived(args.archive, args.out, wd),
+                    )  # fmt: skip
                 done += 1
                 if not args.dry_run:
                     results.setdefault(cell, {}).setdefault(method, {})[f"seed_{seed}"] = summarise(
@@ -335,7 +348,10 @@ def _sft(args, seed: int, num_terms: int) -> str:
         reproduce.VCPPO, args.variant, wd, seed, *chain_flags(num_terms),
         *reproduce.SFT_ONLY,
     )  # fmt: skip
-    return reproduce._run(f"SFT terms {num_terms} seed {seed}", wd, cmd, args.dry_run)
+    name = f"SFT terms {num_terms} seed {seed}"
+    return reproduce._run(
+        name, wd, cmd, args.dry_run, reproduce._archived(args.archive, args.out, wd)
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ repeated. SFT runs once per seed (``OUT/sft/seed_N``) and every method starts fr
 (``--config.sft.init_from``), sharing every hyper-parameter except the flags that define it.
 Then writes ``OUT/summary.json``, ``OUT/ablation.md`` and the figures (``OUT/figures/*.png``).
 
-``--quick`` runs PPO and VC-PPO with 2 seeds and a shorter PPO stage.
+``--quick`` runs PPO and VC-PPO with 2 seeds (and, for ``tiny``, a shorter PPO stage).
+``--variant long`` is the long-CoT regime (~340-token written answers); ``--archive DIR`` keeps
+every finished run's small files in DIR (committed) and reuses those found there, so a study
+too long for one session is built up over several (experiments/archive.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 
 import numpy as np
 
+from experiments import archive
 from vcppo_jax import plotting
 from vcppo_jax.metrics import read_metrics
 
@@ -75,6 +79,8 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     ),
 }
 QUICK_METHODS = ("ppo", "vcppo")
+# --quick: a shorter PPO stage where the variant's own is long (`long` is sized to fit as is).
+QUICK_FLAGS = {"tiny": ("--config.ppo.steps=40", "--config.eval.every_steps=10")}
 # The critics that differ at the first PPO step: from the reward model (ppo; decoupled_only has
 # the same one), pretrained for 30 steps (vcppo and its variants), for 5 and for 120 steps.
 PROFILE_METHODS = ("ppo", "vcppo", "vp_steps_5", "vp_steps_120")
@@ -96,9 +102,11 @@ SFT_ONLY = (
 )
 
 
-def _run(name: str, wd: str, cmd: list[str], dry_run: bool) -> str:
+def _run(name: str, wd: str, cmd: list[str], dry_run: bool, archived: str | None = None) -> str:
+    """Runs ``cmd`` unless ``wd`` (or ``archived``, a committed copy: experiments/archive.py)
+    holds the finished run; archives it when it finishes. DONE records the run's seconds."""
     done = os.path.join(wd, "DONE")
-    if os.path.exists(done):
+    if os.path.exists(done) or (archived and not dry_run and archive.restore(archived, wd)):
         print(f"[reproduce] {name}: already finished", flush=True)
         return wd
     print(f"[reproduce] {name}: {' '.join(cmd)}", flush=True)
@@ -108,7 +116,15 @@ def _run(name: str, wd: str, cmd: list[str], dry_run: bool) -> str:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     with open(done, "w") as f:
         f.write(f"{time.time() - t0:.0f} s\n")
+    print(f"[reproduce] {name}: finished in {(time.time() - t0) / 60:.1f} min", flush=True)
+    if archived:
+        archive.save(wd, archived)
     return wd
+
+
+def _archived(archive_dir: str | None, out: str, wd: str) -> str | None:
+    """Where the run in ``wd`` (under ``out``) is kept in the archive folder, if one is used."""
+    return os.path.join(archive_dir, os.path.relpath(wd, out)) if archive_dir else None
 
 
 # The study's runs use XLA's decode step, as they did when docs/results/ was made: "auto" would
@@ -130,10 +146,13 @@ def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str
     ]
 
 
-def train_sft(out: str, seed: int, variant: str, dry_run: bool) -> str:
+def train_sft(
+    out: str, seed: int, variant: str, dry_run: bool, archive_dir: str | None = None
+) -> str:
     """The one SFT policy of a seed that every method starts from."""
     wd = os.path.join(out, "sft", f"seed_{seed}")
-    return _run(f"SFT seed {seed}", wd, _cmd(VCPPO, variant, wd, seed, *SFT_ONLY), dry_run)
+    cmd = _cmd(VCPPO, variant, wd, seed, *SFT_ONLY)
+    return _run(f"SFT seed {seed}", wd, cmd, dry_run, _archived(archive_dir, out, wd))
 
 
 def run_method(
@@ -144,12 +163,13 @@ def run_method(
     extra: tuple[str, ...],
     dry_run: bool,
     sft_dir: str | None = None,
+    archive_dir: str | None = None,
 ) -> str:
     config, flags, _ = METHODS[method]
     wd = os.path.join(out, method, f"seed_{seed}")
     init = (f"--config.sft.init_from={sft_dir}",) if sft_dir else ()
     cmd = _cmd(config, variant, wd, seed, *flags, *init, *extra)
-    return _run(f"{method} seed {seed}", wd, cmd, dry_run)
+    return _run(f"{method} seed {seed}", wd, cmd, dry_run, _archived(archive_dir, out, wd))
 
 
 BIAS_TOKENS = 5  # Early positions where the paper's value-initialisation bias acts.
@@ -340,6 +360,12 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help=f"comma-separated from {list(METHODS)}")
     parser.add_argument("--variant", default="tiny")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--archive",
+        default=None,
+        help="folder of committed finished runs (experiments/archive.py): reused, and every "
+        "run is copied there when it finishes",
+    )
     args = parser.parse_args()
 
     methods = (
@@ -349,12 +375,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
-    extra = ("--config.ppo.steps=40", "--config.eval.every_steps=10") if args.quick else ()
+    extra = QUICK_FLAGS.get(args.variant, ()) if args.quick else ()
     os.makedirs(args.out, exist_ok=True)
-    sft = {s: train_sft(args.out, s, args.variant, args.dry_run) for s in seeds}
+    sft = {s: train_sft(args.out, s, args.variant, args.dry_run, args.archive) for s in seeds}
     runs = {
         m: [
-            run_method(args.out, m, s, args.variant, extra, args.dry_run, sft_dir=sft[s])
+            run_method(args.out, m, s, args.variant, extra, args.dry_run, sft[s], args.archive)
             for s in seeds
         ]
         for m in methods

@@ -303,3 +303,31 @@ def test_auto_uses_the_native_kernel_on_cpu_and_falls_back_without_it(remove_com
     got = decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0, method="matmul")
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_group_normalised_advantages_against_a_loop():
+    rng = np.random.default_rng(0)
+    r = np.zeros((12, 7), np.float32)
+    lengths = rng.integers(1, 8, size=12)
+    r[np.arange(12), lengths - 1] = rng.choice([-1.0, 1.0], size=12)
+    mask = (np.arange(7)[None] < lengths[:, None]).astype(np.float32)
+    want = np.zeros_like(r)
+    for g in range(3):
+        rows = range(4 * g, 4 * g + 4)
+        tot = [float(r[i].sum()) for i in rows]
+        mu = sum(tot) / 4
+        sd = (sum((t - mu) ** 2 for t in tot) / 4) ** 0.5
+        for i, t in zip(rows, tot, strict=True):
+            want[i] = (t - mu) / (sd + 1e-6) * mask[i]
+    got = adv_lib.group_normalised_advantages(r, mask, group_size=4)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    got_jax = adv_lib.group_normalised_advantages(jnp.asarray(r), jnp.asarray(mask), group_size=4)
+    np.testing.assert_allclose(np.asarray(got_jax), want, rtol=1e-5, atol=1e-6)
+    # A group that is all right (or all wrong) carries no signal.
+    assert not np.any(
+        adv_lib.group_normalised_advantages(
+            np.ones((4, 2), np.float32), np.ones((4, 2), np.float32), group_size=4
+        )
+    )
+    with pytest.raises(ValueError, match="groups of 5"):
+        adv_lib.group_normalised_advantages(r, mask, group_size=5)

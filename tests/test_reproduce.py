@@ -143,3 +143,15 @@ def test_dry_run_prints_one_ordinary_command_per_run(tmp_path):
     for c in runs:  # Every method starts from its seed's SFT policy.
         seed = c.split("--config.seed=")[1].split()[0]
         assert f"--config.sft.init_from={tmp_path}/sft/seed_{seed}" in c
+
+
+def test_long_quick_uses_the_variant_as_sized(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--quick",
+         "--variant=long", "--dry_run"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    runs = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line][2:]
+    assert len(runs) == 4 and all(":long" in c for c in runs)
+    assert not any("--config.ppo.steps=" in c for c in runs)

@@ -46,6 +46,70 @@ def test_synthetic_task_is_correct_and_long():
         AdditionTask(num_terms=1)
 
 
+def _steps(solution: str) -> list[tuple[str, int, int, int]]:
+    """(label, acc, term, result) of each written step, parsed independently of the task."""
+    body = solution.strip().split(" . ")[0]
+    out = []
+    for step in body.split(" ; "):
+        label, _, arith = step.rpartition(":")
+        lhs, res = arith.split("=")
+        a, t = lhs.split("+")
+        out.append((label, int(a), int(t), int(res)))
+    return out
+
+
+def test_labelled_task_names_each_term_and_step():
+    task = AdditionTask(num_terms=4, digits=1, labels=True)
+    p = task.make([3, 5, 7, 2])
+    assert p.prompt == "Add: a3 b5 c7 d2 ="
+    assert p.full_solution == " b5:3+5=8 ; c7:8+7=15 ; d2:15+2=17 . Answer: 17"
+    assert p.direct_solution == " Answer: 17"
+    long = AdditionTask(num_terms=32, digits=1, labels=True)
+    for q in long.problems(20, seed=3):
+        steps = _steps(q.full_solution)
+        assert [s[0] for s in steps] == [
+            f"{a}{t}" for a, t in zip("bcdefghijklmnopqrstuvwxyzABCDEF", q.terms[1:], strict=True)
+        ]
+        assert [s[2] for s in steps] == list(q.terms[1:])
+        assert all(a + t == r for _, a, t, r in steps)
+        assert rewards.exact_match(q.full_solution, q.answer)
+    with pytest.raises(ValueError, match="at most 52|<= 52"):
+        AdditionTask(num_terms=53, digits=1, labels=True)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_wrong_solutions_have_one_wrong_step_carried_to_the_answer(labels):
+    task = AdditionTask(num_terms=6, digits=1, labels=labels)
+    rng = np.random.default_rng(0)
+    for p in task.problems(50, seed=4):
+        wrong = task.wrong_solution(p, rng, full=True)
+        steps = _steps(wrong)
+        bad = [i for i, (_, a, t, r) in enumerate(steps) if a + t != r]
+        assert (
+            len(bad) == 1 and 1 <= abs(steps[bad[0]][3] - steps[bad[0]][1] - steps[bad[0]][2]) <= 9
+        )
+        assert [s[2] for s in steps] == list(p.terms[1:])
+        # Every step after the wrong one continues from the wrong partial sum.
+        assert all(steps[i][1] == steps[i - 1][3] for i in range(1, len(steps)))
+        assert not rewards.exact_match(wrong, p.answer)
+        short = task.wrong_solution(p, rng, full=False)
+        assert (
+            short.startswith(" Answer: ") and 1 <= abs(int(short.split()[-1]) - int(p.answer)) <= 9
+        )
+
+
+def test_sft_examples_of_mixed_chain_lengths():
+    task = AdditionTask(num_terms=12, digits=1, labels=True)
+    pairs = sft_examples(task, 300, seed=5, direct_fraction=0.3, min_terms=4)
+    counts = [p.count(" ") - 1 for p, _ in pairs]  # "Add: a1 b2 ... =": one space per term.
+    assert min(counts) == 4 and max(counts) == 12 and len(set(counts)) == 9
+    for prompt, response in pairs:
+        terms = [int(x[1:]) for x in prompt.split()[1:-1]]
+        assert response.endswith(f"Answer: {sum(terms)}")
+    # Off (0, or the task's own length): the same examples as before the option existed.
+    assert sft_examples(task, 20, 5, 0.3) == sft_examples(task, 20, 5, 0.3, min_terms=12)
+
+
 def test_terminal_rewards():
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], np.float32)
     r = rewards.terminal_rewards(

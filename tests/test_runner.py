@@ -355,3 +355,42 @@ def test_critic_init_offset_biases_the_starting_critic(full_run, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     vp = lambda rs: [r for r in rs if r["stage"] == "value_pretrain"][0]["critic/value_mean"]
     assert abs(vp(rows(wd)) + 2.0) < 0.05 and abs(vp(rows(full_run[0]))) < 0.05
+
+
+def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
+    """eval/accuracy_greedy_{direct,written}_route: the route's first tokens are written for
+    the model, which continues from them, and the whole response is checked."""
+    import numpy as np
+
+    from configs import vcppo
+    from vcppo_jax import runner
+
+    c = vcppo.get_config("smoke")
+    c.data.labels = True
+    exp = runner.Experiment(c, str(tmp_path))
+    problems = exp.source.eval_problems(6)
+    direct, written = exp._route_prefixes(problems)
+    tok = exp.tokenizer
+    for p, d, w in zip(problems, direct, written, strict=True):
+        assert tok.encode(p.direct_solution)[: len(d)] == d
+        assert tok.encode(p.full_solution)[: len(w)] == w
+        assert tok.decode(d).strip() == "Answer:" and tok.decode(w).strip() == "b"
+    prompts, plen = tok.encode_prompts([p.prompt for p in problems])
+    for forced in (direct, written):
+        batch, _, _ = exp._rollout(exp.policy.params, problems, exp.key, exp.greedy_params, forced)
+        tokens, positions = np.asarray(batch.tokens), np.asarray(batch.positions)
+        for i, f in enumerate(forced):  # The prompt, then the forced tokens, then the response.
+            n = int(plen[i])
+            assert tokens[i, :n].tolist() == prompts[i, :n].tolist()
+            assert tokens[i, n : n + len(f)].tolist() == f
+            assert positions[i, 0] == n + len(f)
+    # What is checked is the forced tokens and the continuation: right answers written after
+    # the prefixes score as right.
+    full, _ = exp.source.check(
+        [
+            tok.decode(w) + p.full_solution[len(" b") :]
+            for p, w in zip(problems, written, strict=True)
+        ],
+        problems,
+    )
+    assert full.all()

@@ -318,6 +318,26 @@ def length_adaptive_lambda(lengths: jax.Array, alpha: float = 0.05) -> jax.Array
     return jnp.clip(lam, 0.0, 1.0)
 
 
+def group_normalised_advantages(
+    rewards: jax.Array, mask: jax.Array, *, group_size: int, eps: float = 1e-6
+) -> jax.Array:
+    """GRPO's advantages (no critic): each response's total reward, standardised within its
+    group of ``group_size`` consecutive rows (the samples of one prompt; population std), put
+    on every real token. ``rewards``, ``mask``: ``[B, T]`` with ``B`` a multiple of the group.
+    """
+    xp = np if isinstance(rewards, np.ndarray) else jnp  # NumPy in, NumPy out (host side).
+    b = rewards.shape[0]
+    if group_size < 1 or b % group_size:
+        raise ValueError(f"{b} rows do not split into groups of {group_size}")
+    seq = rewards.sum(1).reshape(-1, group_size)
+    norm = (seq - seq.mean(1, keepdims=True)) / (seq.std(1, keepdims=True) + eps)
+    return norm.reshape(b, 1).astype(xp.float32) * mask
+
+
+# The advantage estimators the trainer can use (config: gae.estimator); "gae" needs a critic.
+ESTIMATORS = ("gae", "grpo")
+
+
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     """Mean of ``x`` over positions where ``mask`` is 1 (0 when there are none)."""
     mask = mask.astype(jnp.float32)

@@ -22,8 +22,54 @@ class CheckpointMismatchError(ValueError):
     pass
 
 
+# Settings an SFT policy depends on beyond the checkpoint fingerprint.
+SFT_KEYS = (
+    "sft.steps",
+    "sft.min_terms",
+    "sft.batch_size",
+    "sft.learning_rate",
+    "data.direct_fraction",
+    "actor.grad_clip",
+    "model.dtype",
+)
+
+
+def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Config fields a checkpoint's contents depend on (shapes and the data stream)."""
+    keys = [
+        "seed",
+        "model.hidden_size",
+        "model.num_layers",
+        "model.num_heads",
+        "model.num_kv_heads",
+        "model.intermediate_size",
+        "model.param_dtype",
+        "model.hf_path",
+        "data.task",
+        "data.num_terms",
+        "data.digits",
+        "data.labels",
+        "data.tokenizer_vocab_size",
+        "data.train_files",
+        *extra,
+    ]
+    out = {}
+    for k in keys:
+        node = config
+        for part in k.split("."):
+            node = node[part]
+        out[k] = node
+    return out
+
+
+# Fields added to the fingerprint after checkpoints had been written without them: such a
+# checkpoint was written with the field at this value.
+ADDED_FIELDS: dict[str, Any] = {"data.labels": False, "sft.min_terms": 0}
+
+
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
+    saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **saved}
     return [
         f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
         for k in keys

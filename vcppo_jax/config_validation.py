@@ -12,13 +12,14 @@ from typing import Any
 
 import ml_collections
 
+from vcppo_jax.advantages import ESTIMATORS
+from vcppo_jax.data.synthetic import LABELS
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
 from vcppo_jax.sampling import MATMULS
 from vcppo_jax.sharding import MESH_AXES
 
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
 OFFSET_PROFILES = ("constant", "linear")
-ESTIMATORS = ("gae", "grpo")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 
@@ -190,8 +191,17 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         number_in(0.0, math.inf, lo_open=True),
         "a positive number of seconds",
     )
-    check("data.num_terms", lambda x: positive_int(x) and x >= 2, "an integer >= 2")
+    num_terms = check("data.num_terms", lambda x: positive_int(x) and x >= 2, "an integer >= 2")
     check("data.digits", lambda x: positive_int(x) and x <= 6, "an integer in [1, 6]")
+    min_terms = check("sft.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
+    if positive_int(min_terms) and positive_int(num_terms) and not 2 <= min_terms <= num_terms:
+        problems.append(f"sft.min_terms={min_terms}: expected 0 (off) or 2..data.num_terms")
+    labels = check("data.labels", lambda x: isinstance(x, bool), "True or False")
+    if labels is True and positive_int(num_terms) and num_terms > len(LABELS):
+        problems.append(
+            f"data.num_terms={num_terms}: at most {len(LABELS)} with data.labels=True "
+            "(one letter per term)"
+        )
     check("data.direct_fraction", unit, "a number in [0, 1]")
     check("data.tokenizer_vocab_size", lambda x: positive_int(x) and x >= 20, "an integer >= 20")
     check("data.pad_multiple", positive_int, "a positive integer")
@@ -207,6 +217,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             "is given with model.hf_path)"
         )
     check("eval.num_samples", positive_int, "an integer >= 1")
+    check("eval.route_accuracy", lambda x: isinstance(x, bool), "True or False")
 
     # Model.
     for field in (

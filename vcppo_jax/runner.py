@@ -23,7 +23,6 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +32,13 @@ from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
 from vcppo_jax import rewards, sampling, sharding, steps
-from vcppo_jax.checkpoint import Checkpointer, CheckpointMismatchError, fingerprint_diff
+from vcppo_jax.checkpoint import (
+    SFT_KEYS,
+    Checkpointer,
+    CheckpointMismatchError,
+    fingerprint,
+    fingerprint_diff,
+)
 from vcppo_jax.config_validation import validate_config
 from vcppo_jax.data.sources import EVAL_SEED_OFFSET, MathSource, SyntheticSource
 from vcppo_jax.data.synthetic import AdditionTask, sft_examples
@@ -45,42 +50,6 @@ STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
 
 
 SFT_EXPORT = "sft_policy"  # WORKDIR/sft_policy: the SFT policy (HF format) + tokenizer.
-# Settings an SFT policy depends on beyond the checkpoint fingerprint.
-SFT_KEYS = (
-    "sft.steps",
-    "sft.batch_size",
-    "sft.learning_rate",
-    "data.direct_fraction",
-    "actor.grad_clip",
-    "model.dtype",
-)
-
-
-def fingerprint(config: ml_collections.ConfigDict, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Config fields a checkpoint's contents depend on (shapes and the data stream)."""
-    keys = [
-        "seed",
-        "model.hidden_size",
-        "model.num_layers",
-        "model.num_heads",
-        "model.num_kv_heads",
-        "model.intermediate_size",
-        "model.param_dtype",
-        "model.hf_path",
-        "data.task",
-        "data.num_terms",
-        "data.digits",
-        "data.tokenizer_vocab_size",
-        "data.train_files",
-        *extra,
-    ]
-    out = {}
-    for k in keys:
-        node = config
-        for part in k.split("."):
-            node = node[part]
-        out[k] = node
-    return out
 
 
 @dataclasses.dataclass
@@ -183,7 +152,7 @@ class Experiment:
         self._batch_shards = int(
             np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.rules)])
         )
-        self.task = AdditionTask(config.data.num_terms, config.data.digits)
+        self.task = AdditionTask(config.data.num_terms, config.data.digits, config.data.labels)
         self._sft_init = self._check_sft_init()
         self.source = self._source()
         self.tokenizer = self.source.tokenizer
@@ -535,15 +504,31 @@ class Experiment:
         mask = (np.arange(n)[None, :] < rlen[:, None]).astype(np.float32)
         return Batch(self._put(tokens), self._put(positions), self._put(mask), rlen)
 
-    def _rollout(self, params, problems, key, sampling_params) -> tuple[Batch, dict, np.ndarray]:
+    def _rollout(
+        self, params, problems, key, sampling_params, forced: list[list[int]] | None = None
+    ) -> tuple[Batch, dict, np.ndarray]:
+        """Samples a response per problem, decodes and checks it. ``forced``: response tokens
+        written for the model before it continues (one list per problem); they are part of
+        the checked text but not of the returned batch's response."""
         tok = self.tokenizer
         prompts, lengths = tok.encode_prompts([p.prompt for p in problems])
+        if forced is not None:
+            rows = [list(r[:n]) + f for r, n, f in zip(prompts, lengths, forced, strict=True)]
+            lengths = np.array([len(r) for r in rows], np.int32)
+            prompts = _pad_rows(rows, int(lengths.max()), tok.pad_id)
         t0 = time.time()
         out = sampling.generate(self.model_config, params, prompts, lengths, sampling_params, key)
         jax.block_until_ready(out.response_tokens)
         seconds = time.time() - t0
         mask = self._host(out.response_mask)
-        texts = tok.decode_batch(self._host(out.response_tokens), mask)
+        response = self._host(out.response_tokens)
+        if forced is None:
+            texts = tok.decode_batch(response, mask)
+        else:  # Decoded as one piece: the text the model wrote, forced tokens included.
+            texts = [
+                tok.decode(f + r[m > 0].tolist())
+                for f, r, m in zip(forced, response, mask, strict=True)
+            ]
         correct, check_info = self.source.check(texts, problems)
         batch = Batch(
             out.tokens,
@@ -570,26 +555,14 @@ class Experiment:
         c = self.config
         _, rng = self._rng("sft", step)
         seed = int(rng.integers(2**31))
-        pairs = sft_examples(self.task, c.sft.batch_size, seed, c.data.direct_fraction)
+        pairs = sft_examples(
+            self.task, c.sft.batch_size, seed, c.data.direct_fraction, c.sft.min_terms
+        )
         b = self._sequences([p for p, _ in pairs], [r for _, r in pairs])
         self.sft_state, m = steps.sft_step(
             self.model_config, self.sft_state, b.tokens, b.positions, b.mask
         )
         return m
-
-    def _corrupt(self, problem, rng: np.random.Generator, full: bool) -> str:
-        """A wrong response of the same shape: one partial sum off, carried to the answer."""
-        terms = list(problem.terms)
-        if not full:
-            wrong = int(problem.answer) + int(rng.choice([-1, 1]) * rng.integers(1, 10))
-            return f" Answer: {wrong}"
-        k = int(rng.integers(1, len(terms)))
-        delta = int(rng.choice([-1, 1]) * rng.integers(1, 10))
-        steps_txt, acc = [], terms[0]
-        for i, t in enumerate(terms[1:], start=1):
-            acc = acc + t + (delta if i == k else 0)
-            steps_txt.append(f"{acc - t - (delta if i == k else 0)}+{t}={acc}")
-        return " " + " ; ".join(steps_txt) + f" . Answer: {acc}"
 
     def run_reward_model_step(self, step: int) -> dict:
         c = self.config
@@ -602,7 +575,7 @@ class Experiment:
             responses.append(
                 (p.full_solution if full else p.direct_solution)
                 if right
-                else self._corrupt(p, rng, full)
+                else self.task.wrong_solution(p, rng, full)
             )
             targets.append(c.reward.correct if right else c.reward.incorrect)
         b = self._sequences([p.prompt for p in problems], responses)
@@ -690,12 +663,6 @@ class Experiment:
             **_route_metrics("rollout", batch.direct, correct),
         }
 
-    def _grpo_advantages(self, r: np.ndarray, mask) -> jax.Array:
-        n = self.config.rollout.samples_per_prompt
-        seq = r.sum(1).reshape(-1, n)
-        norm = (seq - seq.mean(1, keepdims=True)) / (seq.std(1, keepdims=True) + 1e-6)
-        return self._put(norm.reshape(-1)[:, None].astype(np.float32)) * mask
-
     def run_ppo_step(self, step: int) -> dict:
         c = self.config
         key, rng = self._rng("ppo", step)
@@ -727,7 +694,10 @@ class Experiment:
             )
         gae_metrics = {}
         if c.gae.estimator == "grpo":
-            advantages = self._grpo_advantages(r_np, mask)
+            norm = adv_lib.group_normalised_advantages(
+                r_np, np.ones((len(r_np), 1), np.float32), group_size=c.rollout.samples_per_prompt
+            )
+            advantages = self._put(norm) * mask
             values = returns = None
         else:
             values = steps.critic_values(
@@ -875,7 +845,7 @@ class Experiment:
         many = [p for p in problems for _ in range(k)]
         sampled, _, s_correct = self._rollout(self.policy.params, many, key, self.sampling_params)
         s = s_correct.reshape(-1, k)
-        return {
+        out = {
             "eval/accuracy": float(g_correct.mean()),
             "eval/response_length": float(np.mean(greedy.lengths)),
             "eval/accuracy_sampled": float(s.mean()),
@@ -883,6 +853,32 @@ class Experiment:
             "eval/response_length_sampled": float(np.mean(sampled.lengths)),
             **_route_metrics("eval", sampled.direct, s_correct),
         }
+        if c.eval.route_accuracy and c.data.task == "addition":
+            # Greedy accuracy of each route, the route forced by writing its first tokens.
+            for route, forced in zip(
+                ("direct", "written"), self._route_prefixes(problems), strict=True
+            ):
+                _, _, ok = self._rollout(
+                    self.policy.params, problems, key, self.greedy_params, forced
+                )
+                out[f"eval/accuracy_greedy_{route}_route"] = float(ok.mean())
+        return out
+
+    def _route_prefixes(self, problems) -> tuple[list[list[int]], list[list[int]]]:
+        """Per problem, the response tokens that commit to the direct and to the written route:
+        the shortest start of each solution's tokens whose text the other route cannot begin
+        with (" Answer:" and " b" on the labelled task)."""
+
+        def commit(solution: str, other: str) -> list[int]:
+            ids = self.tokenizer.encode(solution)
+            for k in range(1, len(ids) + 1):
+                if not other.strip().startswith(self.tokenizer.decode(ids[:k]).strip()):
+                    return ids[:k]
+            return ids
+
+        direct = [commit(p.direct_solution, p.full_solution) for p in problems]
+        written = [commit(p.full_solution, p.direct_solution) for p in problems]
+        return direct, written
 
     # ------------------------------------------------------------------------------------------
     # The loop.

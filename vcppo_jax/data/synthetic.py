@@ -9,6 +9,17 @@ needs the whole sum at once, which a small model rarely gets right. So long reas
 genuinely useful and a short route exists, which is the situation where PPO's value
 initialisation bias (favouring early stopping) can bite. Knobs: ``num_terms`` (the chain
 length) and ``digits`` (the difficulty of each step). Answers are checked exactly.
+
+``labels=True`` (the long regime) names every term with a letter, and every written step
+starts by copying the named term from the prompt ("c7"), so finding the next term is a
+look-up by name (the letter after the previous step's, then what follows that letter in the
+prompt) rather than counting positions in a long prompt, which a small model learns far
+more slowly. Each step stays one small addition of adjacent numbers; the whole sum stays
+hard:
+
+    prompt:    "Add: a3 b5 c7 d2 ="
+    full:      " b5:3+5=8 ; c7:8+7=15 ; d2:15+2=17 . Answer: 17"
+    direct:    " Answer: 17"
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import dataclasses
 import numpy as np
 
 ANSWER_PREFIX = "Answer:"
+LABELS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # Term names when labelled.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,27 +45,55 @@ class Problem:
 class AdditionTask:
     num_terms: int = 5
     digits: int = 2
+    labels: bool = False
 
     def __post_init__(self):
         if self.num_terms < 2:
             raise ValueError(f"num_terms must be >= 2; got {self.num_terms}")
         if not 1 <= self.digits <= 6:
             raise ValueError(f"digits must be in [1, 6]; got {self.digits}")
+        if self.labels and self.num_terms > len(LABELS):
+            raise ValueError(
+                f"num_terms must be <= {len(LABELS)} with labels (one letter per term); "
+                f"got {self.num_terms}"
+            )
+
+    def _solution(self, terms: tuple[int, ...], wrong_step: int = 0, delta: int = 0) -> str:
+        """Every partial sum written; step ``wrong_step`` (1-based, 0 = none) is off by
+        ``delta``, and the error is carried to the answer."""
+        steps, acc = [], terms[0]
+        for i, t in enumerate(terms[1:], start=1):
+            new = acc + t + (delta if i == wrong_step else 0)
+            name = f"{LABELS[i]}{t}:" if self.labels else ""
+            steps.append(f"{name}{acc}+{t}={new}")
+            acc = new
+        return " " + " ; ".join(steps) + f" . {ANSWER_PREFIX} {acc}"
 
     def make(self, terms) -> Problem:
         terms = tuple(int(t) for t in terms)
-        steps, acc = [], terms[0]
-        for t in terms[1:]:
-            steps.append(f"{acc}+{t}={acc + t}")
-            acc += t
-        answer = str(acc)
+        answer = str(sum(terms))
+        if self.labels:
+            listed = " ".join(f"{LABELS[i]}{t}" for i, t in enumerate(terms))
+        else:
+            listed = " ".join(map(str, terms))
         return Problem(
-            prompt="Add: " + " ".join(map(str, terms)) + " =",
+            prompt="Add: " + listed + " =",
             answer=answer,
-            full_solution=" " + " ; ".join(steps) + f" . {ANSWER_PREFIX} {answer}",
+            full_solution=self._solution(terms),
             direct_solution=f" {ANSWER_PREFIX} {answer}",
             terms=terms,
         )
+
+    def wrong_solution(self, problem: Problem, rng: np.random.Generator, full: bool) -> str:
+        """A wrong response of the same shape (the reward model's negatives): for a written
+        one, one partial sum off by 1-9 and carried to the answer; for a direct one, the
+        answer off by 1-9."""
+        if not full:
+            wrong = int(problem.answer) + int(rng.choice([-1, 1]) * rng.integers(1, 10))
+            return f" {ANSWER_PREFIX} {wrong}"
+        k = int(rng.integers(1, len(problem.terms)))
+        delta = int(rng.choice([-1, 1]) * rng.integers(1, 10))
+        return self._solution(problem.terms, wrong_step=k, delta=delta)
 
     def sample(self, rng: np.random.Generator) -> Problem:
         lo = 10 ** (self.digits - 1) if self.digits > 1 else 0
@@ -72,12 +112,21 @@ class AdditionTask:
 
 
 def sft_examples(
-    task: AdditionTask, n: int, seed: int, direct_fraction: float
+    task: AdditionTask, n: int, seed: int, direct_fraction: float, min_terms: int = 0
 ) -> list[tuple[str, str]]:
-    """(prompt, response) pairs; ``direct_fraction`` of them take the short route."""
+    """(prompt, response) pairs; ``direct_fraction`` of them take the short route.
+
+    ``min_terms`` > 0: each problem's chain length is drawn uniformly from
+    ``[min_terms, task.num_terms]`` (shorter chains teach the same steps for less compute)."""
     rng = np.random.default_rng(seed)
+    if min_terms and min_terms < task.num_terms:
+        lengths = rng.integers(min_terms, task.num_terms + 1, size=n)
+        tasks = {k: dataclasses.replace(task, num_terms=int(k)) for k in set(lengths.tolist())}
+        problems = [tasks[int(k)].sample(rng) for k in lengths]
+    else:
+        problems = task.problems(n, seed)
     out = []
-    for p in task.problems(n, seed):
+    for p in problems:
         direct = rng.random() < direct_fraction
         out.append((p.prompt, p.direct_solution if direct else p.full_solution))
     return out

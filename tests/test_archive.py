@@ -1,0 +1,60 @@
+"""Finished runs archived in the repository and reused by the drivers (experiments/archive.py)."""
+
+import os
+import sys
+
+import pytest
+
+from experiments import archive, reproduce
+
+
+def _finished_run(wd, metrics="{}\n"):
+    os.makedirs(os.path.join(wd, "sft_policy"))
+    os.makedirs(os.path.join(wd, "checkpoints"))
+    for name, text in (
+        ("metrics.jsonl", metrics),
+        ("config.json", "{}"),
+        ("DONE", "12 s\n"),
+        ("checkpoints/big", "x" * 1000),
+        ("sft_policy/model.safetensors", "w"),
+    ):
+        with open(os.path.join(wd, name), "w") as f:
+            f.write(text)
+
+
+def test_save_keeps_the_small_files_and_restore_puts_them_back(tmp_path):
+    wd, kept, again = tmp_path / "run", tmp_path / "archive" / "run", tmp_path / "again"
+    _finished_run(wd)
+    archive.save(str(wd), str(kept))
+    assert sorted(os.listdir(kept)) == ["DONE", "config.json", "metrics.jsonl", "sft_policy"]
+    assert os.listdir(kept / "sft_policy") == ["model.safetensors"]
+    assert archive.restore(str(kept), str(again))
+    assert (again / "DONE").read_text() == "12 s\n"
+    assert (again / "sft_policy" / "model.safetensors").read_text() == "w"
+    # Nothing archived: nothing restored, and the empty workdir stays unfinished.
+    assert not archive.restore(str(tmp_path / "none"), str(tmp_path / "empty"))
+    assert not os.path.exists(tmp_path / "empty" / "DONE")
+    with pytest.raises(FileNotFoundError, match="not a finished run"):
+        archive.save(str(tmp_path / "empty"), str(tmp_path / "archive" / "x"))
+
+
+def test_driver_reuses_archived_runs_and_archives_new_ones(tmp_path):
+    out, arch = tmp_path / "out", tmp_path / "archive"
+    _finished_run(arch / "ppo" / "seed_0", metrics='{"archived": 1}\n')
+    fail = [sys.executable, "-c", "raise SystemExit(3)"]  # Must not run: the archive has it.
+    wd = reproduce._run(
+        "ppo", str(out / "ppo" / "seed_0"), fail, False,
+        reproduce._archived(str(arch), str(out), str(out / "ppo" / "seed_0")),
+    )  # fmt: skip
+    assert open(os.path.join(wd, "metrics.jsonl")).read() == '{"archived": 1}\n'
+    new = out / "vcppo" / "seed_0"
+    write = (
+        "import os,sys; d=sys.argv[1]; os.makedirs(d, exist_ok=True); "
+        "open(os.path.join(d, 'metrics.jsonl'), 'w').write('{}')"
+    )
+    reproduce._run(
+        "vcppo", str(new), [sys.executable, "-c", write, str(new)], False,
+        reproduce._archived(str(arch), str(out), str(new)),
+    )  # fmt: skip
+    assert (arch / "vcppo" / "seed_0" / "DONE").read_text().endswith(" s\n")
+    assert (arch / "vcppo" / "seed_0" / "metrics.jsonl").read_text() == "{}"
