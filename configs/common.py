@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_heads = 4
     c.model.num_kv_heads = 2
     c.model.intermediate_size = 256
+    # Rotary base (synthetic-task models; a HF checkpoint brings its own). Larger = slower
+    # rotation, so attention can match content across longer distances.
+    c.model.rope_theta = 10000.0
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = "none"
@@ -222,9 +225,7 @@ def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.
         # direct answer 6, the prompt ~63. Labels make the term look-up learnable by the tiny
         # model (vcppo_jax/data/synthetic.py); it takes ~1200 SFT steps (~29 min on 2 cores).
         # The reward model is trained 200 steps (not tiny's 600) to keep a run under 20 min.
-        c.data.update(
-            num_terms=30, digits=1, labels=True, tokenizer_vocab_size=96, pad_multiple=16
-        )
+        c.data.update(num_terms=30, digits=1, labels=True, tokenizer_vocab_size=96, pad_multiple=16)
         c.sft.update(steps=1200, batch_size=32, learning_rate=3e-3)
         c.reward_model.update(steps=200, batch_size=32)
         c.rollout.update(prompts_per_step=16, samples_per_prompt=2, max_new_tokens=384)

@@ -367,7 +367,9 @@ def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
 
     c = vcppo.get_config("smoke")
     c.data.labels = True
+    c.model.rope_theta = 1e5
     exp = runner.Experiment(c, str(tmp_path))
+    assert exp.model_config.rope_theta == 1e5  # model.rope_theta reaches the model.
     problems = exp.source.eval_problems(6)
     direct, written = exp._route_prefixes(problems)
     tok = exp.tokenizer

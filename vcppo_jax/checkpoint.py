@@ -43,6 +43,7 @@ def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         "model.num_heads",
         "model.num_kv_heads",
         "model.intermediate_size",
+        "model.rope_theta",
         "model.param_dtype",
         "model.hf_path",
         "data.task",
@@ -64,7 +65,11 @@ def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
 
 # Fields added to the fingerprint after checkpoints had been written without them: such a
 # checkpoint was written with the field at this value.
-ADDED_FIELDS: dict[str, Any] = {"data.labels": False, "sft.min_terms": 0}
+ADDED_FIELDS: dict[str, Any] = {
+    "data.labels": False,
+    "sft.min_terms": 0,
+    "model.rope_theta": 10000.0,
+}
 
 
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

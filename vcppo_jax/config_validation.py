@@ -234,6 +234,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     hidden = _get(config, "model.hidden_size")
     if positive_int(heads) and positive_int(hidden) and hidden % heads:
         problems.append(f"model.hidden_size={hidden}: must be divisible by model.num_heads={heads}")
+    check("model.rope_theta", number_in(1.0, math.inf), "a number >= 1")
     check("model.param_dtype", *one_of(DTYPES))
     check("model.dtype", *one_of(DTYPES))
     check("model.remat", *one_of(REMAT))

@@ -273,6 +273,7 @@ class Experiment:
             param_dtype=m.param_dtype,
             dtype=m.dtype,
             remat=m.remat,
+            rope_theta=float(m.rope_theta),
             max_position_embeddings=1024,
             bos_token_id=self.tokenizer.bos_id,
             eos_token_id=self.tokenizer.eos_id,
