@@ -48,9 +48,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.task = "addition"
     c.data.num_terms = 5  # Chain length: partial sums written in a full solution.
     c.data.digits = 2  # Difficulty of each step.
-    # Name each term with a letter and each written step with its term's letter (at most 52
-    # terms): the next term is then found by name, which is what lets a small model learn
-    # chains of 30+ terms (the `long` variant). See vcppo_jax/data/synthetic.py.
+    # Name each term with a letter and start each written step by copying its named term
+    # ("c7:8+7=15"; at most 52 terms): the next term is then found by name, which is what lets
+    # a small model learn chains of 30 terms (the `long` variant). See data/synthetic.py.
     c.data.labels = False
     c.data.direct_fraction = 0.3  # Share of SFT demonstrations that take the short route.
     c.data.tokenizer_vocab_size = 48

@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 
-from experiments import archive, reproduce
+from experiments import reproduce
 from vcppo_jax import plotting
 from vcppo_jax.metrics import read_metrics
 
@@ -295,11 +295,7 @@ def main() -> None:
                     f"--config.sft.init_from={sft[(seed, n)]}",
                 )  # fmt: skip
                 if args.report_only:
-                    archived = reproduce._archived(args.archive, args.out, wd)
-                    if not (
-                        os.path.exists(os.path.join(wd, "DONE"))
-                        or (archived and archive.restore(archived, wd))
-                    ):
+                    if not reproduce.finished(wd, reproduce._archived(args.archive, args.out, wd)):
                         continue
                 else:
                     reproduce._run(
@@ -326,12 +322,11 @@ def main() -> None:
         print(p)
     # The mechanism by step in the most biased cell, per method (its finished runs).
     worst = cell_name(min(axes["offsets"]), *cells[0][1:])
-    finished = lambda wd: os.path.exists(os.path.join(wd, "DONE"))
     mech = {
         m: [
             wd
             for s in seeds
-            if finished(wd := os.path.join(args.out, "runs", worst, m, f"seed_{s}"))
+            if reproduce.finished(wd := os.path.join(args.out, "runs", worst, m, f"seed_{s}"))
         ]
         for m in methods
     }

@@ -106,7 +106,7 @@ def _run(name: str, wd: str, cmd: list[str], dry_run: bool, archived: str | None
     """Runs ``cmd`` unless ``wd`` (or ``archived``, a committed copy: experiments/archive.py)
     holds the finished run; archives it when it finishes. DONE records the run's seconds."""
     done = os.path.join(wd, "DONE")
-    if os.path.exists(done) or (archived and not dry_run and archive.restore(archived, wd)):
+    if finished(wd, None if dry_run else archived):
         print(f"[reproduce] {name}: already finished", flush=True)
         return wd
     print(f"[reproduce] {name}: {' '.join(cmd)}", flush=True)
@@ -120,6 +120,12 @@ def _run(name: str, wd: str, cmd: list[str], dry_run: bool, archived: str | None
     if archived:
         archive.save(wd, archived)
     return wd
+
+
+def finished(wd: str, archived: str | None = None) -> bool:
+    """Whether ``wd`` holds a finished run, after restoring it from ``archived`` if given."""
+    done = os.path.exists(os.path.join(wd, "DONE"))
+    return done or bool(archived and archive.restore(archived, wd))
 
 
 def _archived(archive_dir: str | None, out: str, wd: str) -> str | None:
