@@ -6,10 +6,11 @@ Feeds the held-out problems' correct written solutions to the policy exported by
 (``WORKDIR/sft_policy``) and reports the mean probability the policy gives each correct token,
 grouped by the token's role in its step (``c7:13+7=20 ;``: the label ``c``, the term copied
 from the prompt ``7``, the partial sum carried from the previous step ``13``, the term again
-after ``+``, the new partial sum ``20``, the separators), and for the term look-up also by step
-index (groups of 5 steps). A chain of n steps is right only if every token is, so one weak role
-explains a low greedy accuracy. The config is the SFT run's own (its ``config.json``); writes
-``--out`` (JSON) when given.
+after ``+``, the new partial sum ``20``, the separators; with ``data.carry`` also the terms
+restated after ``|``), and for the term look-up also by step index (groups of 5 steps). A
+chain of n steps is right only if every token is, so one weak role explains a low greedy
+accuracy. The config is the SFT run's own (its ``config.json``); writes ``--out`` (JSON) when
+given.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ ROLE_AFTER = {  # A digit's role follows from the last non-digit token before it
 
 
 def token_roles(pieces: list[str]) -> list[str]:
-    """The role of each token of a written solution, from its decoded pieces."""
-    roles, last = [], None
+    """The role of each token of a written solution, from its decoded pieces. With
+    ``data.carry``, the terms restated after ``|`` are "carried label" / "carried term"."""
+    roles, last, carried = [], None, False
     for s in pieces:
         t = s.strip()
         if not t:  # A bare word-boundary piece: part of what follows.
             roles.append("separator")
             continue
         if t.isdigit():
-            roles.append(ROLE_AFTER.get(last, "other digit"))
+            role = "carried term" if carried else ROLE_AFTER.get(last, "other digit")
+            roles.append(role)
             continue
         if len(t) == 1 and t.isalpha():
             last = "label"
@@ -51,7 +54,12 @@ def token_roles(pieces: list[str]) -> list[str]:
             last = t
         else:
             last = "separator"
-        roles.append({"label": "label", "answer": "answer prefix"}.get(last, "separator"))
+            if t in ("|", ";", "."):  # A carried list runs from "|" to the step's end.
+                carried = t == "|"
+        if carried and last == "label":
+            roles.append("carried label")
+        else:
+            roles.append({"label": "label", "answer": "answer prefix"}.get(last, "separator"))
     return roles
 
 

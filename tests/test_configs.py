@@ -61,6 +61,7 @@ BAD_FIELDS = [
     ("rollout.top_p", 0.0, "rollout.top_p=0.0"),
     ("model.num_kv_heads", 3, "model.num_kv_heads=3: must divide model.num_heads=4"),
     ("mesh.data", 0, "mesh.data=0"),
+    ("data.carry", True, "data.carry=True needs data.labels=True"),
     ("mesh.rules", (("embed", "model"),), "mesh.rules: bad rule ('embed', 'model')"),
 ]
 

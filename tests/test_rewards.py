@@ -77,6 +77,29 @@ def test_labelled_task_names_each_term_and_step():
         AdditionTask(num_terms=53, digits=1, labels=True)
 
 
+def test_carried_task_restates_the_terms_still_to_add():
+    task = AdditionTask(num_terms=4, digits=1, labels=True, carry=True)
+    p = task.make([3, 5, 7, 2])
+    assert p.full_solution == " b5:3+5=8 | c7 d2 ; c7:8+7=15 | d2 ; d2:15+2=17 | . Answer: 17"
+    long = AdditionTask(num_terms=14, digits=1, labels=True, carry=True)
+    for q in long.problems(20, seed=3):
+        named = [f"{a}{t}" for a, t in zip("abcdefghijklmn", q.terms, strict=True)]
+        previous = named[1:]  # What the prompt leaves after the first term.
+        for i, step in enumerate(q.full_solution.strip().split(" . ")[0].split(" ; "), 1):
+            head, _, carried = step.partition(" |")
+            label, _, arith = head.partition(":")
+            lhs, res = arith.split("=")
+            a, t = map(int, lhs.split("+"))
+            # The step's term is the first one the previous step carried, the rest carried on.
+            assert label == previous[0] == named[i] and t == q.terms[i]
+            assert carried.split() == named[i + 1 :] == previous[1:]
+            assert a + t == int(res) == sum(q.terms[: i + 1])
+            previous = carried.split()
+        assert rewards.exact_match(q.full_solution, q.answer)
+    with pytest.raises(ValueError, match="labels"):
+        AdditionTask(num_terms=4, digits=1, carry=True)
+
+
 @pytest.mark.parametrize("labels", [False, True])
 def test_wrong_solutions_have_one_wrong_step_carried_to_the_answer(labels):
     task = AdditionTask(num_terms=6, digits=1, labels=labels)

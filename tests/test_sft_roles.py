@@ -14,3 +14,14 @@ def test_token_roles_of_a_labelled_solution():
     ]  # fmt: skip
     assert roles[16:18] == ["new partial sum"] * 2
     assert roles[-5:] == ["answer prefix", "separator", "answer", "answer", "separator"]
+
+
+def test_token_roles_of_a_carried_solution():
+    pieces = [" b", "5", ":", "3", "+", "5", "=", "8", " |", " c", "7", " d", "2", " ;", " c",
+              "7", ":", "8", "+", "7", "=", "1", "5", " |", " d", "2", " ;"]  # fmt: skip
+    roles = token_roles(pieces)
+    carried = ["carried label", "carried term"] * 2
+    assert roles[:2] == ["label", "term (look-up)"]
+    assert roles[8:14] == ["separator", *carried, "separator"]
+    assert roles[14:16] == ["label", "term (look-up)"]  # The head copies the first carried term.
+    assert roles[23:] == ["separator", "carried label", "carried term", "separator"]

@@ -202,6 +202,9 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             f"data.num_terms={num_terms}: at most {len(LABELS)} with data.labels=True "
             "(one letter per term)"
         )
+    carry = check("data.carry", lambda x: isinstance(x, bool), "True or False")
+    if carry is True and labels is False:
+        problems.append("data.carry=True needs data.labels=True (the carried terms are named)")
     check("data.direct_fraction", unit, "a number in [0, 1]")
     check("data.tokenizer_vocab_size", lambda x: positive_int(x) and x >= 20, "an integer >= 20")
     check("data.pad_multiple", positive_int, "a positive integer")

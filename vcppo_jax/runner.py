@@ -152,7 +152,9 @@ class Experiment:
         self._batch_shards = int(
             np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.rules)])
         )
-        self.task = AdditionTask(config.data.num_terms, config.data.digits, config.data.labels)
+        self.task = AdditionTask(
+            config.data.num_terms, config.data.digits, config.data.labels, config.data.carry
+        )
         self._sft_init = self._check_sft_init()
         self.source = self._source()
         self.tokenizer = self.source.tokenizer

@@ -20,6 +20,16 @@ hard:
     prompt:    "Add: a3 b5 c7 d2 ="
     full:      " b5:3+5=8 ; c7:8+7=15 ; d2:15+2=17 . Answer: 17"
     direct:    " Answer: 17"
+
+``carry=True`` (with labels; the long regime) makes every step also restate the terms still
+to add after ``|``, so each step's term is the first one carried by the step before and every
+copy is from the last few dozen tokens, however long the chain (a look-up by name 250+ tokens
+back is what a small model fails to learn). The written solution then grows as the square of
+the chain length (13 terms: ~330 tokens); the whole sum stays as hard:
+
+    prompt:    "Add: a3 b5 c7 d2 ="
+    full:      " b5:3+5=8 | c7 d2 ; c7:8+7=15 | d2 ; d2:15+2=17 | . Answer: 17"
+    direct:    " Answer: 17"
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ class AdditionTask:
     num_terms: int = 5
     digits: int = 2
     labels: bool = False
+    carry: bool = False
 
     def __post_init__(self):
         if self.num_terms < 2:
@@ -57,6 +68,8 @@ class AdditionTask:
                 f"num_terms must be <= {len(LABELS)} with labels (one letter per term); "
                 f"got {self.num_terms}"
             )
+        if self.carry and not self.labels:
+            raise ValueError("carry=True needs labels=True (carried terms are named)")
 
     def _solution(self, terms: tuple[int, ...], wrong_step: int = 0, delta: int = 0) -> str:
         """Every partial sum written; step ``wrong_step`` (1-based, 0 = none) is off by
@@ -65,7 +78,10 @@ class AdditionTask:
         for i, t in enumerate(terms[1:], start=1):
             new = acc + t + (delta if i == wrong_step else 0)
             name = f"{LABELS[i]}{t}:" if self.labels else ""
-            steps.append(f"{name}{acc}+{t}={new}")
+            step = f"{name}{acc}+{t}={new}"
+            if self.carry:
+                step += " |" + "".join(f" {LABELS[j]}{terms[j]}" for j in range(i + 1, len(terms)))
+            steps.append(step)
             acc = new
         return " " + " ; ".join(steps) + f" . {ANSWER_PREFIX} {acc}"
 
