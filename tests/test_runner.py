@@ -396,3 +396,17 @@ def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
         problems,
     )
     assert full.all()
+
+
+def test_sft_only_run_reports_the_policys_accuracy_by_route(tmp_path):
+    """ppo.steps=0 (how the study trains each seed's SFT policy): one evaluation of the SFT
+    policy, with the accuracy of each route, after the SFT stage."""
+    wd = str(tmp_path)
+    flags = ("--config.ppo.steps=0", "--config.value_pretrain.enabled=False")
+    out = run_main(wd, *flags, "--config.critic.init=policy", "--config.sft.steps=2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    evals = [r for r in rows(wd) if r["stage"] == "eval"]
+    assert len(evals) == 1 and evals[0]["step"] == 0
+    for key in ("eval/accuracy", "eval/accuracy_sampled", "eval/accuracy_greedy_written_route"):
+        assert 0.0 <= evals[0][key] <= 1.0
+    assert [r["step"] for r in rows(wd) if r["stage"] == "sft"] == [0, 1]

@@ -963,6 +963,9 @@ class Experiment:
                 if start == 0:
                     self._enter_stage(stage)
                 if total == 0:
+                    if stage == "ppo" and start == 0:
+                        # No PPO steps (an SFT-only run): evaluate the policy as it stands.
+                        self.metrics.write(0, "eval", self.evaluate(0))
                     self._exit_stage(stage)
                     self._save(i + 1, 0)
                 progress = Progress(stage, total, start, every=c.log_every_steps)
