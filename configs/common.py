@@ -196,70 +196,129 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Per-variant overrides of base_config(), "section.field" -> value: sizes only, the science
+# fields (lambdas, critic start, value pretraining) are left to each config file.
+VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
+    # Every stage for a few steps: the end-to-end tests.
+    "smoke": {
+        "model.hidden_size": 32,
+        "model.num_layers": 2,
+        "model.num_heads": 2,
+        "model.num_kv_heads": 1,
+        "model.intermediate_size": 64,
+        "data.num_terms": 3,
+        "data.digits": 1,
+        "rollout.prompts_per_step": 8,
+        "rollout.max_new_tokens": 32,
+        "ppo.steps": 3,
+        "ppo.minibatches": 2,
+        "sft.steps": 6,
+        "sft.batch_size": 16,
+        "reward_model.steps": 3,
+        "reward_model.batch_size": 16,
+        "value_pretrain.steps": 3,
+        "eval.every_steps": 3,
+        "eval.num_prompts": 8,
+        "eval.num_samples": 2,
+        "checkpoint_every_steps": 2,
+        "actor.learning_rate": 1e-4,
+        "critic.learning_rate": 1e-4,
+    },
+    # The CPU demo. Single-digit terms: a 3-layer model learns the written route in a few
+    # hundred SFT steps (about 40% greedy accuracy), while the direct route stays hard.
+    "tiny": {
+        "data.num_terms": 5,
+        "data.digits": 1,
+        "sft.steps": 400,
+        "sft.batch_size": 64,
+        "sft.learning_rate": 3e-3,
+        "rollout.prompts_per_step": 32,
+        "rollout.max_new_tokens": 96,
+        "ppo.steps": 60,
+        "ppo.minibatches": 4,
+        "value_pretrain.steps": 30,
+        "eval.every_steps": 10,
+        "eval.num_prompts": 128,
+        "actor.learning_rate": 1e-4,
+        "critic.learning_rate": 3e-4,
+    },
+    # The long-CoT regime on a CPU: ~340-token written answers. 30 labelled single-digit terms:
+    # written solutions of 315-355 tokens (mean 337), the direct answer 6, the prompt ~63.
+    # Labels make the term look-up learnable by the tiny model (vcppo_jax/data/synthetic.py);
+    # it takes ~1200 SFT steps (~29 min on 2 cores). The reward model is trained 200 steps (not
+    # tiny's 600) to keep a run under 20 min.
+    "long": {
+        "data.num_terms": 30,
+        "data.digits": 1,
+        "data.labels": True,
+        "data.tokenizer_vocab_size": 96,
+        "data.pad_multiple": 16,
+        "sft.steps": 1200,
+        "sft.batch_size": 32,
+        "sft.learning_rate": 3e-3,
+        "reward_model.steps": 200,
+        "reward_model.batch_size": 32,
+        "rollout.prompts_per_step": 16,
+        "rollout.samples_per_prompt": 2,
+        "rollout.max_new_tokens": 384,
+        "ppo.steps": 30,
+        "ppo.minibatches": 4,
+        "value_pretrain.steps": 30,
+        "eval.every_steps": 10,
+        "eval.num_prompts": 64,
+        "eval.num_samples": 2,
+        "checkpoint_every_steps": 10,
+        "actor.learning_rate": 1e-4,
+        "critic.learning_rate": 3e-4,
+    },
+    # One GPU.
+    "small": {
+        "model.hidden_size": 512,
+        "model.num_layers": 8,
+        "model.num_heads": 8,
+        "model.num_kv_heads": 4,
+        "model.intermediate_size": 1536,
+        "model.dtype": "bfloat16",
+        "rollout.prompts_per_step": 128,
+        "rollout.samples_per_prompt": 4,
+        "rollout.max_new_tokens": 512,
+        "ppo.steps": 300,
+        "ppo.minibatches": 8,
+        "actor.learning_rate": 2e-5,
+        "critic.learning_rate": 5e-5,
+    },
+    # The paper's setting on a pod (8K context).
+    "qwen2.5-32b": {
+        "model.hf_path": "/path/to/qwen2.5-32b-long-cot-sft",
+        "model.param_dtype": "bfloat16",
+        "model.dtype": "bfloat16",
+        "model.remat": "full",
+        "rollout.prompts_per_step": 512,
+        "rollout.samples_per_prompt": 1,
+        "rollout.max_new_tokens": 8192,
+        "ppo.steps": 1000,
+        "ppo.minibatches": 8,
+        "actor.learning_rate": 1e-6,
+        "critic.learning_rate": 2e-6,
+        "value_pretrain.steps": 100,
+        "mesh.data": -1,
+        "mesh.fsdp": 16,
+        "mesh.tensor": 4,
+        "distributed": True,
+    },
+}
+assert set(VARIANT_OVERRIDES) == set(VARIANTS)
+
+
 def apply_variant(c: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
-    """Sizes for each named variant; the science fields are left alone."""
+    """Sizes for each named variant (``VARIANT_OVERRIDES``); the science fields are left alone."""
     c.variant = variant
-    if variant == "smoke":  # Every stage for a few steps: the end-to-end tests.
-        c.model.update(
-            hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64
-        )
-        c.data.update(num_terms=3, digits=1)
-        c.rollout.update(prompts_per_step=8, max_new_tokens=32)
-        c.ppo.update(steps=3, minibatches=2)
-        c.sft.update(steps=6, batch_size=16)
-        c.reward_model.update(steps=3, batch_size=16)
-        c.value_pretrain.steps = 3
-        c.eval.update(every_steps=3, num_prompts=8, num_samples=2)
-        c.checkpoint_every_steps = 2
-        c.actor.learning_rate = 1e-4
-        c.critic.learning_rate = 1e-4
-    elif variant == "tiny":  # The CPU demo.
-        # Single-digit terms: a 3-layer model learns the written route in a few hundred SFT
-        # steps (about 40% greedy accuracy), while the direct route stays hard.
-        c.data.update(num_terms=5, digits=1)
-        c.sft.update(steps=400, batch_size=64, learning_rate=3e-3)
-        c.rollout.update(prompts_per_step=32, max_new_tokens=96)
-        c.ppo.update(steps=60, minibatches=4)
-        c.value_pretrain.steps = 30
-        c.eval.update(every_steps=10, num_prompts=128)
-        c.actor.learning_rate = 1e-4
-        c.critic.learning_rate = 3e-4
-    elif variant == "long":  # The long-CoT regime on a CPU: ~340-token written answers.
-        # 30 labelled single-digit terms: written solutions of 315-355 tokens (mean 337), the
-        # direct answer 6, the prompt ~63. Labels make the term look-up learnable by the tiny
-        # model (vcppo_jax/data/synthetic.py); it takes ~1200 SFT steps (~29 min on 2 cores).
-        # The reward model is trained 200 steps (not tiny's 600) to keep a run under 20 min.
-        c.data.update(num_terms=30, digits=1, labels=True, tokenizer_vocab_size=96, pad_multiple=16)
-        c.sft.update(steps=1200, batch_size=32, learning_rate=3e-3)
-        c.reward_model.update(steps=200, batch_size=32)
-        c.rollout.update(prompts_per_step=16, samples_per_prompt=2, max_new_tokens=384)
-        c.ppo.update(steps=30, minibatches=4)
-        c.value_pretrain.steps = 30
-        c.eval.update(every_steps=10, num_prompts=64, num_samples=2)
-        c.checkpoint_every_steps = 10
-        c.actor.learning_rate = 1e-4
-        c.critic.learning_rate = 3e-4
-    elif variant == "small":  # One GPU.
-        c.model.update(
-            hidden_size=512,
-            num_layers=8,
-            num_heads=8,
-            num_kv_heads=4,
-            intermediate_size=1536,
-            dtype="bfloat16",
-        )
-        c.rollout.update(prompts_per_step=128, samples_per_prompt=4, max_new_tokens=512)
-        c.ppo.update(steps=300, minibatches=8)
-        c.actor.learning_rate = 2e-5
-        c.critic.learning_rate = 5e-5
-    elif variant == "qwen2.5-32b":  # The paper's setting on a pod (8K context).
-        c.model.hf_path = "/path/to/qwen2.5-32b-long-cot-sft"
-        c.model.update(param_dtype="bfloat16", dtype="bfloat16", remat="full")
-        c.rollout.update(prompts_per_step=512, samples_per_prompt=1, max_new_tokens=8192)
-        c.ppo.update(steps=1000, minibatches=8)
-        c.actor.learning_rate = 1e-6
-        c.critic.learning_rate = 2e-6
-        c.value_pretrain.steps = 100
-        c.mesh.update(data=-1, fsdp=16, tensor=4)
-        c.distributed = True
+    for path, value in VARIANT_OVERRIDES[variant].items():
+        *parents, leaf = path.split(".")
+        node = c
+        for part in parents:
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"variant {variant!r}: no config field {path!r}")
+        node[leaf] = value
     return c

@@ -15,5 +15,10 @@ def get_config(arg: str | None = None):
     c.gae.lambda_actor = 0.95
     c.gae.lambda_critic = 0.95
     c.critic.init = "reward_model"
+    if c.model.hf_path:
+        # A reward model is trained here on the synthetic task only (loading a separately
+        # trained one is not supported), so with a pretrained policy the critic starts from
+        # the policy's backbone with a fresh value head.
+        c.critic.init = "policy"
     c.value_pretrain.enabled = False
     return c

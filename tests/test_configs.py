@@ -129,3 +129,16 @@ def test_cli_rejects_bad_value_with_field_name():
     )
     assert out.returncode == 2
     assert "gae.lambda_actor=1.2" in out.stderr
+
+
+def test_reward_model_critic_with_a_pretrained_checkpoint_is_refused():
+    c = ppo.get_config("tiny")  # critic.init = "reward_model".
+    c.model.hf_path = "/some/model"
+    with pytest.raises(ConfigError) as info:
+        validate_config(c)
+    assert info.value.problems == [
+        "critic.init='reward_model': a reward model is trained on the synthetic task only; "
+        "with model.hf_path choose 'policy'"
+    ]
+    c.critic.init = "policy"
+    validate_config(c)

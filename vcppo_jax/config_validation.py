@@ -1,7 +1,9 @@
 """Checks an experiment config before anything runs.
 
 ``validate_config`` looks at every field it knows and raises one ``ConfigError`` that lists
-each bad field with its value and what is allowed, so a user fixes all of them in one go.
+each bad field with its value and what is allowed, so a user fixes all of them in one go. Each
+config section has its own ``validate_<section>`` function; they share one ``Checker``, which
+collects the problems.
 """
 
 from __future__ import annotations
@@ -49,14 +51,58 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Returns ``config`` unchanged if every known field is valid; else raises ``ConfigError``."""
-    problems: list[str] = []
+def number_in(lo: float, hi: float, *, lo_open=False, hi_open=False) -> Callable[[Any], bool]:
+    def ok(x):
+        if not _is_number(x):
+            return False
+        above = x > lo if lo_open else x >= lo
+        below = x < hi if hi_open else x <= hi
+        return above and below
 
-    def check(path: str, ok: Callable[[Any], bool], allowed: str, optional: bool = False):
-        value = _get(config, path)
+    return ok
+
+
+def one_of(options: Iterable[str]) -> tuple[Callable[[Any], bool], str]:
+    options = tuple(options)
+    return (lambda x: x in options), f"one of {options}"
+
+
+def positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def non_negative_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def is_bool(x) -> bool:
+    return isinstance(x, bool)
+
+
+non_negative = number_in(0.0, math.inf)
+positive = number_in(0.0, math.inf, lo_open=True)
+unit = number_in(0.0, 1.0)
+
+
+class Checker:
+    """Reads fields of one config and collects every problem found."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.problems: list[str] = []
+
+    def get(self, path: str) -> Any:
+        return _get(self.config, path)
+
+    def problem(self, text: str) -> None:
+        self.problems.append(text)
+
+    def __call__(self, path: str, ok: Callable[[Any], bool], allowed: str, optional=False):
+        """The field's value if ``ok`` accepts it (or it is an allowed None), else None and a
+        problem naming the field, its value and ``allowed``."""
+        value = self.get(path)
         if value is _MISSING:
-            problems.append(f"{path}: missing (expected {allowed})")
+            self.problem(f"{path}: missing (expected {allowed})")
             return None
         if optional and value is None:
             return None
@@ -65,73 +111,53 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         except TypeError:
             good = False
         if not good:
-            problems.append(f"{path}={value!r}: expected {allowed}")
+            self.problem(f"{path}={value!r}: expected {allowed}")
             return None
         return value
 
-    def number_in(lo: float, hi: float, *, lo_open=False, hi_open=False):
-        def ok(x):
-            if not _is_number(x):
-                return False
-            above = x > lo if lo_open else x >= lo
-            below = x < hi if hi_open else x <= hi
-            return above and below
 
-        return ok
-
-    def one_of(options: Iterable[str]):
-        options = tuple(options)
-        return (lambda x: x in options), f"one of {options}"
-
-    positive_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x > 0
-    non_negative_int = lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0
-    non_negative = number_in(0.0, math.inf)
-    unit = number_in(0.0, 1.0)
-
-    # GAE.
+def validate_gae(check: Checker) -> None:
     check("gae.gamma", unit, "a number in [0, 1]")
     check("gae.lambda_actor", unit, "a number in [0, 1]")
     check("gae.lambda_critic", unit, "a number in [0, 1]")
     check(
         "gae.length_adaptive_alpha",
-        number_in(0.0, math.inf, lo_open=True),
+        positive,
         "a positive number (VAPO uses 0.05) or None",
         optional=True,
     )
     check("gae.estimator", *one_of(ESTIMATORS))
-    check("gae.whiten_advantages", lambda x: isinstance(x, bool), "True or False")
+    check("gae.whiten_advantages", is_bool, "True or False")
 
-    # PPO.
+
+def validate_ppo(check: Checker) -> None:
     eps_low = check("ppo.eps_low", number_in(0.0, 1.0, lo_open=True, hi_open=True), "in (0, 1)")
-    eps_high = check("ppo.eps_high", number_in(0.0, math.inf, lo_open=True), "a positive number")
+    eps_high = check("ppo.eps_high", positive, "a positive number")
     if eps_low is not None and eps_high is not None and eps_high < eps_low:
-        problems.append(
+        check.problem(
             f"ppo.eps_high={eps_high!r}: must be >= ppo.eps_low={eps_low!r} (clip-higher widens "
             "the upper bound only)"
         )
     check("ppo.dual_clip", number_in(1.0, math.inf, lo_open=True), "a number > 1 or None", True)
     check("ppo.loss_agg_mode", *one_of(AGG_MODES))
-    check(
-        "ppo.value_clip",
-        number_in(0.0, math.inf, lo_open=True),
-        "a positive number or None",
-        optional=True,
-    )
+    check("ppo.value_clip", positive, "a positive number or None", optional=True)
     check("ppo.entropy_coef", non_negative, "a number >= 0")
     check("ppo.kl_coef", non_negative, "a number >= 0")
     check("ppo.kl_estimator", *one_of(KL_ESTIMATORS))
     check("ppo.positive_nll_coef", non_negative, "a number >= 0")
     check("ppo.epochs", positive_int, "an integer >= 1")
-    minibatches = check("ppo.minibatches", positive_int, "an integer >= 1")
+    check("ppo.minibatches", positive_int, "an integer >= 1")
     check("ppo.steps", non_negative_int, "an integer >= 0")
 
-    # Rollouts and rewards.
+
+def validate_rollout(check: Checker) -> None:
     prompts = check("rollout.prompts_per_step", positive_int, "an integer >= 1")
     samples = check("rollout.samples_per_prompt", positive_int, "an integer >= 1")
-    if prompts is not None and samples is not None and minibatches is not None:
+    minibatches = check.get("ppo.minibatches")
+    if prompts is not None and samples is not None and positive_int(minibatches):
         batch = prompts * samples
         if batch % minibatches:
-            problems.append(
+            check.problem(
                 f"ppo.minibatches={minibatches}: must divide the rollout batch "
                 f"rollout.prompts_per_step * rollout.samples_per_prompt = {prompts} * {samples} "
                 f"= {batch}"
@@ -141,113 +167,130 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     check("rollout.top_p", number_in(0.0, 1.0, lo_open=True), "a number in (0, 1]")
     check("rollout.top_k", non_negative_int, "an integer >= 0 (0 = off)")
     check("rollout.decode_matmul", *one_of(MATMULS))
-    dynamic = check("rollout.dynamic_sampling", lambda x: isinstance(x, bool), "True or False")
-    estimator = _get(config, "gae.estimator")
-    if samples == 1 and (dynamic or estimator == "grpo"):
+    dynamic = check("rollout.dynamic_sampling", is_bool, "True or False")
+    if samples == 1 and (dynamic or check.get("gae.estimator") == "grpo"):
         what = "rollout.dynamic_sampling" if dynamic else "gae.estimator='grpo'"
-        problems.append(
+        check.problem(
             f"rollout.samples_per_prompt=1: {what} needs groups of at least 2 samples per prompt"
         )
+
+
+def validate_reward(check: Checker) -> None:
     check("reward.correct", _is_number, "a finite number")
     check("reward.incorrect", _is_number, "a finite number")
     check("reward.overlong_buffer", non_negative_int, "an integer >= 0 (0 = off)")
     check("reward.overlong_penalty", non_negative, "a number >= 0")
     check("reward.format_penalty", non_negative, "a number >= 0")
+    check("reward.verifier_workers", positive_int, "an integer >= 1")
+    check("reward.verifier_timeout_s", positive, "a positive number of seconds")
 
-    # Optimisers and critic initialisation.
+
+def validate_optimisers(check: Checker) -> None:
     for who in ("actor", "critic"):
-        check(f"{who}.learning_rate", number_in(0.0, math.inf, lo_open=True), "a positive number")
+        check(f"{who}.learning_rate", positive, "a positive number")
         check(f"{who}.warmup_steps", non_negative_int, "an integer >= 0")
-        check(f"{who}.grad_clip", number_in(0.0, math.inf, lo_open=True), "a positive number")
+        check(f"{who}.grad_clip", positive, "a positive number")
         check(f"{who}.weight_decay", non_negative, "a number >= 0")
+
+
+def validate_critic(check: Checker) -> None:
+    """Where the critic starts, and value pretraining; the two must agree."""
     init = check("critic.init", *one_of(CRITIC_INITS))
     check("critic.init_offset", _is_number, "a finite number (0 = no offset)")
     check("critic.init_offset_profile", *one_of(OFFSET_PROFILES))
-    vp_enabled = check("value_pretrain.enabled", lambda x: isinstance(x, bool), "True or False")
+    vp_enabled = check("value_pretrain.enabled", is_bool, "True or False")
     check("value_pretrain.steps", non_negative_int, "an integer >= 0")
     check("value_pretrain.lambda_", unit, "a number in [0, 1]")
     check("value_pretrain.init", *one_of(("policy", "reward_model", "random")))
     if init == "value_pretrain" and vp_enabled is False:
-        problems.append(
+        check.problem(
             "critic.init='value_pretrain': needs value_pretrain.enabled=True (or choose "
             "critic.init='reward_model' or 'policy')"
         )
+    if check.get("model.hf_path"):
+        for field in ("critic.init", "value_pretrain.init"):
+            if check.get(field) == "reward_model" and (field == "critic.init" or vp_enabled):
+                check.problem(
+                    f"{field}='reward_model': a reward model is trained on the synthetic task "
+                    "only; with model.hf_path choose 'policy'"
+                )
 
-    # Data and the supervised stages.
+
+def validate_data(check: Checker) -> None:
+    """The task and its prompts: the synthetic task's shape, or a real prompt set."""
     task = check("data.task", *one_of(("addition", "math")))
     if task == "math":
-        if not _get(config, "model.hf_path"):
-            problems.append("data.task='math': needs model.hf_path (a pretrained HF model dir)")
-        if not _get(config, "data.train_files"):
-            problems.append("data.task='math': needs data.train_files (.jsonl / .parquet files)")
+        if not check.get("model.hf_path"):
+            check.problem("data.task='math': needs model.hf_path (a pretrained HF model dir)")
+        if not check.get("data.train_files"):
+            check.problem("data.task='math': needs data.train_files (.jsonl / .parquet files)")
     check(
         "data.prompt_template",
         lambda x: isinstance(x, str) and "{prompt}" in x,
         "a string containing '{prompt}'",
     )
-    check("reward.verifier_workers", positive_int, "an integer >= 1")
-    check(
-        "reward.verifier_timeout_s",
-        number_in(0.0, math.inf, lo_open=True),
-        "a positive number of seconds",
-    )
     num_terms = check("data.num_terms", lambda x: positive_int(x) and x >= 2, "an integer >= 2")
     check("data.digits", lambda x: positive_int(x) and x <= 6, "an integer in [1, 6]")
-    min_terms = check("sft.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
-    if positive_int(min_terms) and positive_int(num_terms) and not 2 <= min_terms <= num_terms:
-        problems.append(f"sft.min_terms={min_terms}: expected 0 (off) or 2..data.num_terms")
-    labels = check("data.labels", lambda x: isinstance(x, bool), "True or False")
+    labels = check("data.labels", is_bool, "True or False")
     if labels is True and positive_int(num_terms) and num_terms > len(LABELS):
-        problems.append(
+        check.problem(
             f"data.num_terms={num_terms}: at most {len(LABELS)} with data.labels=True "
             "(one letter per term)"
         )
-    carry = check("data.carry", lambda x: isinstance(x, bool), "True or False")
+    carry = check("data.carry", is_bool, "True or False")
     if carry is True and labels is False:
-        problems.append("data.carry=True needs data.labels=True (the carried terms are named)")
+        check.problem("data.carry=True needs data.labels=True (the carried terms are named)")
     check("data.direct_fraction", unit, "a number in [0, 1]")
     check("data.tokenizer_vocab_size", lambda x: positive_int(x) and x >= 20, "an integer >= 20")
     check("data.pad_multiple", positive_int, "a positive integer")
+
+
+def validate_supervised(check: Checker) -> None:
+    """SFT and the reward model."""
+    num_terms = check.get("data.num_terms")
+    min_terms = check("sft.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
+    if positive_int(min_terms) and positive_int(num_terms) and not 2 <= min_terms <= num_terms:
+        check.problem(f"sft.min_terms={min_terms}: expected 0 (off) or 2..data.num_terms")
     for stage in ("sft", "reward_model"):
         check(f"{stage}.steps", non_negative_int, "an integer >= 0")
         check(f"{stage}.batch_size", positive_int, "an integer >= 1")
-        check(f"{stage}.learning_rate", number_in(0.0, math.inf, lo_open=True), "a positive number")
+        check(f"{stage}.learning_rate", positive, "a positive number")
     check("reward_model.init", *one_of(("policy", "random")))
     init_from = check("sft.init_from", lambda x: isinstance(x, str), "a path or ''")
-    if init_from and task != "addition":
-        problems.append(
+    if init_from and check.get("data.task") != "addition":
+        check.problem(
             f"sft.init_from={init_from!r}: only for data.task='addition' (a pretrained policy "
             "is given with model.hf_path)"
         )
-    check("eval.num_samples", positive_int, "an integer >= 1")
-    check("eval.route_accuracy", lambda x: isinstance(x, bool), "True or False")
 
-    # Model.
-    for field in (
-        "hidden_size",
-        "num_layers",
-        "num_heads",
-        "num_kv_heads",
-        "intermediate_size",
-    ):
+
+def validate_model(check: Checker) -> None:
+    for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         check(f"model.{field}", positive_int, "an integer >= 1")
-    heads, kv = _get(config, "model.num_heads"), _get(config, "model.num_kv_heads")
+    heads, kv = check.get("model.num_heads"), check.get("model.num_kv_heads")
     if positive_int(heads) and positive_int(kv) and heads % kv:
-        problems.append(f"model.num_kv_heads={kv}: must divide model.num_heads={heads}")
-    hidden = _get(config, "model.hidden_size")
+        check.problem(f"model.num_kv_heads={kv}: must divide model.num_heads={heads}")
+    hidden = check.get("model.hidden_size")
     if positive_int(heads) and positive_int(hidden) and hidden % heads:
-        problems.append(f"model.hidden_size={hidden}: must be divisible by model.num_heads={heads}")
+        check.problem(f"model.hidden_size={hidden}: must be divisible by model.num_heads={heads}")
     check("model.rope_theta", number_in(1.0, math.inf), "a number >= 1")
     check("model.param_dtype", *one_of(DTYPES))
     check("model.dtype", *one_of(DTYPES))
     check("model.remat", *one_of(REMAT))
 
-    # Loop and mesh.
+
+def validate_loop(check: Checker) -> None:
+    """Seed, evaluation, logging and checkpoint cadence."""
     check("seed", lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer")
     for field in ("eval.every_steps", "log_every_steps", "checkpoint_every_steps"):
         check(field, positive_int, "an integer >= 1")
     check("eval.num_prompts", positive_int, "an integer >= 1")
+    check("eval.num_samples", positive_int, "an integer >= 1")
+    check("eval.route_accuracy", is_bool, "True or False")
     check("stop_after_steps", positive_int, "an integer >= 1 or None", optional=True)
+
+
+def validate_mesh(check: Checker) -> None:
     mesh_sizes = []
     for axis in ("data", "fsdp", "tensor"):
         size = check(
@@ -257,21 +300,43 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
         mesh_sizes.append(size)
     if mesh_sizes.count(-1) > 1:
-        problems.append(f"mesh: at most one axis may be -1; got {mesh_sizes}")
-    rules = _get(config, "mesh.rules")
+        check.problem(f"mesh: at most one axis may be -1; got {mesh_sizes}")
+    rules = check.get("mesh.rules")
     if rules is _MISSING:
-        problems.append("mesh.rules: missing (expected (logical name, mesh axes) pairs)")
-    else:
-        for rule in rules:
-            ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
-            axes = rule[1] if ok else None
-            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-            if not ok or any(a not in MESH_AXES for a in axes):
-                problems.append(
-                    f"mesh.rules: bad rule {rule!r}; expected (logical name, None | mesh axis | "
-                    f"tuple of mesh axes) with mesh axes from {MESH_AXES}"
-                )
+        check.problem("mesh.rules: missing (expected (logical name, mesh axes) pairs)")
+        return
+    for rule in rules:
+        ok = isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+        axes = rule[1] if ok else None
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        if not ok or any(a not in MESH_AXES for a in axes):
+            check.problem(
+                f"mesh.rules: bad rule {rule!r}; expected (logical name, None | mesh axis | "
+                f"tuple of mesh axes) with mesh axes from {MESH_AXES}"
+            )
 
-    if problems:
-        raise ConfigError(problems)
+
+SECTIONS: tuple[Callable[[Checker], None], ...] = (
+    validate_gae,
+    validate_ppo,
+    validate_rollout,
+    validate_reward,
+    validate_optimisers,
+    validate_critic,
+    validate_data,
+    validate_supervised,
+    validate_model,
+    validate_loop,
+    validate_mesh,
+)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Returns ``config`` unchanged if every known field is valid; else raises ``ConfigError``
+    listing every problem found by every section's check."""
+    check = Checker(config)
+    for validate in SECTIONS:
+        validate(check)
+    if check.problems:
+        raise ConfigError(check.problems)
     return config

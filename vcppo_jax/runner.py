@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -285,11 +286,6 @@ class Experiment:
     def _stages(self) -> list[str]:
         c = self.config
         stages = []
-        if c.model.hf_path and "reward_model" in (c.critic.init, c.value_pretrain.init):
-            raise ValueError(
-                "a reward-model critic is trained on the synthetic task only; with "
-                "model.hf_path choose critic.init / value_pretrain.init 'policy'"
-            )
         # A pretrained policy or another run's SFT policy skips SFT.
         if c.sft.steps > 0 and not c.model.hf_path and not c.sft.init_from:
             stages.append("sft")
@@ -935,6 +931,15 @@ class Experiment:
             "ppo": c.ppo.steps,
         }[stage]
 
+    def step_functions(self) -> dict[str, Callable[[int], dict]]:
+        """Stage name -> the function that runs one step of it and returns its metrics."""
+        return {
+            "sft": self.run_sft_step,
+            "reward_model": self.run_reward_model_step,
+            "value_pretrain": self.run_value_pretrain_step,
+            "ppo": self.run_ppo_step,
+        }
+
     def run(self) -> None:
         c = self.config
         stage_index, stage_step = self._restore()
@@ -969,7 +974,7 @@ class Experiment:
                     self._exit_stage(stage)
                     self._save(i + 1, 0)
                 progress = Progress(stage, total, start, every=c.log_every_steps)
-                step_fn = getattr(self, f"run_{stage}_step")
+                step_fn = self.step_functions()[stage]
                 for step in range(start, total):
                     if stage == "ppo" and step % c.eval.every_steps == 0:
                         self.metrics.write(step, "eval", self.evaluate(step))
