@@ -76,7 +76,7 @@ def _update(config: ml_collections.ConfigDict, saved: dict) -> None:
 
 def measure(sft_dir: str, prompts: int) -> dict:
     from configs import vcppo
-    from vcppo_jax import runner, steps
+    from vcppo_jax import runner, updates
 
     with open(os.path.join(sft_dir, "config.json")) as f:
         saved = json.load(f)
@@ -91,7 +91,7 @@ def measure(sft_dir: str, prompts: int) -> dict:
         problems = exp.source.eval_problems(prompts)
         b = exp._sequences([p.prompt for p in problems], [p.full_solution for p in problems])
         lp = np.asarray(
-            steps.score_rollout(exp.model_config, exp.policy.params, b.tokens, b.positions)
+            updates.score_rollout(exp.model_config, exp.policy.params, b.tokens, b.positions)
         )
         tok = exp.tokenizer
         by_role, lookup = collections.defaultdict(list), collections.defaultdict(list)

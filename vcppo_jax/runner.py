@@ -32,7 +32,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
-from vcppo_jax import rewards, sampling, sharding, steps
+from vcppo_jax import rewards, sampling, sharding, updates
 from vcppo_jax.checkpoint import (
     SFT_KEYS,
     Checkpointer,
@@ -330,20 +330,20 @@ class Experiment:
             )[0]
         else:
             policy_params = init(k_pol, "lm")
-        self.sft_tx = steps.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
-        self.actor_tx = steps.make_optimizer(
+        self.sft_tx = updates.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
+        self.actor_tx = updates.make_optimizer(
             c.actor.learning_rate,
             warmup_steps=c.actor.warmup_steps,
             grad_clip=c.actor.grad_clip,
             weight_decay=c.actor.weight_decay,
         )
-        self.critic_tx = steps.make_optimizer(
+        self.critic_tx = updates.make_optimizer(
             c.critic.learning_rate,
             warmup_steps=c.critic.warmup_steps,
             grad_clip=c.critic.grad_clip,
             weight_decay=c.critic.weight_decay,
         )
-        self.rm_tx = steps.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
+        self.rm_tx = updates.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
         self.policy = self._new_state(policy_params, self.actor_tx)
         self.sft_state = self._new_state(_copy(policy_params), self.sft_tx)
         self.critic = self._new_state(self._critic_params(init(k_crit, "value")), self.critic_tx)
@@ -392,10 +392,10 @@ class Experiment:
         self.reward_model = unpack(self.reward_model, tree["reward_model"])
         self.reference = tree["reference"]
 
-    def _new_state(self, params, tx) -> steps.TrainState:
+    def _new_state(self, params, tx) -> updates.TrainState:
         """A train state whose every leaf lives on the mesh (optimiser counters and the step
         are created on one device otherwise, which a multi-process checkpoint cannot save)."""
-        state = steps.TrainState.create(params, tx)
+        state = updates.TrainState.create(params, tx)
         local = lambda a: not isinstance(a.sharding, jax.sharding.NamedSharding)
         return jax.tree.map(lambda a: self._put(self._host(a)) if local(a) else a, state)
 
@@ -558,7 +558,7 @@ class Experiment:
             self.task, c.sft.batch_size, seed, c.data.direct_fraction, c.sft.min_terms
         )
         b = self._sequences([p for p, _ in pairs], [r for _, r in pairs])
-        self.sft_state, m = steps.sft_step(
+        self.sft_state, m = updates.sft_step(
             self.model_config, self.sft_state, b.tokens, b.positions, b.mask
         )
         return m
@@ -579,7 +579,7 @@ class Experiment:
             targets.append(c.reward.correct if right else c.reward.incorrect)
         b = self._sequences([p.prompt for p in problems], responses)
         last = self._host(b.positions)[np.arange(len(problems)), b.lengths - 1]
-        self.reward_model, m = steps.reward_model_step(
+        self.reward_model, m = updates.reward_model_step(
             self.model_config,
             self.reward_model,
             b.tokens,
@@ -621,7 +621,7 @@ class Experiment:
             self.policy.params, problems, key, self.sampling_params
         )
         r = self._put(self._rewards(correct, batch))
-        values = steps.critic_values(
+        values = updates.critic_values(
             self.model_config, self.critic.params, batch.tokens, batch.positions
         )
         lam = c.value_pretrain.lambda_
@@ -631,7 +631,7 @@ class Experiment:
         metrics = []
         for _ in range(c.ppo.epochs):
             for idx in self._minibatches(len(problems), rng):
-                self.critic, m = steps.critic_step(
+                self.critic, m = updates.critic_step(
                     self.model_config,
                     self.critic,
                     batch.tokens[idx],
@@ -679,7 +679,7 @@ class Experiment:
             mask = mask * self._put(keep.astype(np.float32)[:, None])
             info["rollout/kept_fraction"] = float(keep.mean())
         temp = c.rollout.temperature or 1.0
-        old_logp = steps.score_rollout(
+        old_logp = updates.score_rollout(
             self.model_config, self.policy.params, batch.tokens, batch.positions, temp
         )
         # The sampler's log-probs should equal the trainer's (PPO's ratio starts at 1).
@@ -688,7 +688,7 @@ class Experiment:
         )
         ref_logp = old_logp
         if c.ppo.kl_coef > 0:
-            ref_logp = steps.score_rollout(
+            ref_logp = updates.score_rollout(
                 self.model_config, self.reference, batch.tokens, batch.positions, temp
             )
         gae_metrics = {}
@@ -699,7 +699,7 @@ class Experiment:
             advantages = self._put(norm) * mask
             values = returns = None
         else:
-            values = steps.critic_values(
+            values = updates.critic_values(
                 self.model_config, self.critic.params, batch.tokens, batch.positions
             )
             lam_actor = c.gae.lambda_actor
@@ -753,7 +753,7 @@ class Experiment:
             for idx in self._minibatches(len(problems), rng):
                 m = {}
                 if values is not None:
-                    self.critic, m = steps.critic_step(
+                    self.critic, m = updates.critic_step(
                         self.model_config,
                         self.critic,
                         batch.tokens[idx],
@@ -764,7 +764,7 @@ class Experiment:
                         value_clip=c.ppo.value_clip,
                         agg_mode=c.ppo.loss_agg_mode,
                     )
-                self.policy, am = steps.actor_step(
+                self.policy, am = updates.actor_step(
                     self.model_config,
                     self.policy,
                     batch.tokens[idx],
@@ -788,14 +788,14 @@ class Experiment:
         jax.block_until_ready(self.policy.params)
         train_s = time.time() - t1
         # How far this step's updates moved each model's outputs on the step's own batch.
-        new_logp = steps.score_rollout(
+        new_logp = updates.score_rollout(
             self.model_config, self.policy.params, batch.tokens, batch.positions, temp
         )
         info["mechanism/actor_speed"] = float(
             adv_lib.masked_mean(jnp.abs(new_logp - old_logp), mask)
         )
         if values is not None:
-            new_values = steps.critic_values(
+            new_values = updates.critic_values(
                 self.model_config, self.critic.params, batch.tokens, batch.positions
             )
             info["mechanism/critic_speed"] = float(

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcppo_jax import models, steps
+from vcppo_jax import models, updates
 from vcppo_jax.models import ModelConfig
 
 CFG = ModelConfig(
@@ -27,8 +27,8 @@ def test_response_gathers_match_hand_indexing():
     params = models.init_params(CFG, jax.random.key(0))
     critic = models.init_params(CFG, jax.random.key(1), "value")
     critic["value_head"]["kernel"] = jnp.ones_like(critic["value_head"]["kernel"])
-    logp = steps.response_logprobs(CFG, params, tokens, positions)
-    values = steps.response_values(CFG, critic, tokens, positions)
+    logp = updates.response_logprobs(CFG, params, tokens, positions)
+    values = updates.response_values(CFG, critic, tokens, positions)
     full = jax.nn.log_softmax(models.forward(CFG, params, tokens), axis=-1)
     v_full = models.values(CFG, critic, tokens)
     for b in range(3):
@@ -44,12 +44,12 @@ def test_response_gathers_match_hand_indexing():
 
 def test_sft_step_learns_a_fixed_batch():
     tokens, positions, mask = batch(1)
-    state = steps.TrainState.create(
-        models.init_params(CFG, jax.random.key(0)), steps.make_optimizer(1e-2)
+    state = updates.TrainState.create(
+        models.init_params(CFG, jax.random.key(0)), updates.make_optimizer(1e-2)
     )
     losses = []
     for _ in range(30):
-        state, m = steps.sft_step(CFG, state, tokens, positions, mask)
+        state, m = updates.sft_step(CFG, state, tokens, positions, mask)
         losses.append(float(m["sft/loss"]))
     assert losses[-1] < 0.3 * losses[0]
     assert int(state.step) == 30
@@ -57,20 +57,20 @@ def test_sft_step_learns_a_fixed_batch():
 
 def test_critic_step_fits_returns_and_actor_step_follows_advantages():
     tokens, positions, mask = batch(2)
-    critic = steps.TrainState.create(
-        models.init_params(CFG, jax.random.key(1), "value"), steps.make_optimizer(1e-2)
+    critic = updates.TrainState.create(
+        models.init_params(CFG, jax.random.key(1), "value"), updates.make_optimizer(1e-2)
     )
     returns = jnp.where(mask > 0, 0.7, 0.0)
     old_v = jnp.zeros_like(returns)
     first = None
     for _ in range(40):
-        critic, m = steps.critic_step(CFG, critic, tokens, positions, mask, returns, old_v)
+        critic, m = updates.critic_step(CFG, critic, tokens, positions, mask, returns, old_v)
         first = first if first is not None else float(m["critic/value_loss"])
     assert float(m["critic/value_loss"]) < 0.05 * first
 
     params = models.init_params(CFG, jax.random.key(3))
-    actor = steps.TrainState.create(params, steps.make_optimizer(3e-3))
-    old_logp = steps.score_rollout(CFG, params, tokens, positions)
+    actor = updates.TrainState.create(params, updates.make_optimizer(3e-3))
+    old_logp = updates.score_rollout(CFG, params, tokens, positions)
     adv = jnp.where(mask > 0, 1.0, 0.0)  # Every sampled token was good: make it likelier.
     kw = dict(
         eps_low=0.2,
@@ -82,11 +82,11 @@ def test_critic_step_fits_returns_and_actor_step_follows_advantages():
         kl_estimator="k3",
         positive_nll_coef=0.0,
     )
-    actor, m = steps.actor_step(
+    actor, m = updates.actor_step(
         CFG, actor, tokens, positions, mask, old_logp, adv, old_logp, jnp.ones(3), **kw
     )
     assert float(m["actor/ratio_mean"]) == 1.0 and float(m["actor/clip_fraction"]) == 0.0
-    new_logp = steps.score_rollout(CFG, actor.params, tokens, positions)
+    new_logp = updates.score_rollout(CFG, actor.params, tokens, positions)
     gain = (new_logp - old_logp) * mask
     assert float(gain.sum()) > 0
 
@@ -97,17 +97,17 @@ def test_position_offset_table_adds_per_response_token():
     tokens, positions, _ = batch()
     critic = models.init_params(CFG, jax.random.key(1), "value")
     critic["value_head"]["kernel"] = jnp.ones_like(critic["value_head"]["kernel"])
-    plain = steps.response_values(CFG, critic, tokens, positions)
+    plain = updates.response_values(CFG, critic, tokens, positions)
     table = jnp.linspace(-2.0, 0.0, 8)
-    shifted = steps.response_values(CFG, {**critic, "position_offset": table}, tokens, positions)
+    shifted = updates.response_values(CFG, {**critic, "position_offset": table}, tokens, positions)
     np.testing.assert_allclose(np.asarray(shifted - plain), np.tile(table[:6], (3, 1)), atol=1e-6)
     # The table is trainable like any other critic parameter.
-    state = steps.TrainState.create(
-        {**critic, "position_offset": table}, steps.make_optimizer(1e-2, grad_clip=1.0)
+    state = updates.TrainState.create(
+        {**critic, "position_offset": table}, updates.make_optimizer(1e-2, grad_clip=1.0)
     )
     before = np.asarray(table)
     mask = jnp.ones((3, 6))
-    new, _ = steps.critic_step(CFG, state, tokens, positions, mask, jnp.zeros((3, 6)), shifted)
+    new, _ = updates.critic_step(CFG, state, tokens, positions, mask, jnp.zeros((3, 6)), shifted)
     after = np.asarray(new.params["position_offset"])
     assert not np.allclose(after[:6], before[:6])
     np.testing.assert_array_equal(after[6:], before[6:])  # Indices past the batch: no gradient.
