@@ -52,10 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
     # ("c7:8+7=15"; at most 52 terms): the next term is then found by name, which is what lets
     # a small model learn chains of 30 terms (the `long` variant). See data/synthetic.py.
     c.data.labels = False
-    # With labels: every written step also restates the terms still to add after "|", so each
-    # copy is from the step before, never from far back in the prompt ("b5:3+5=8 | c7 d2 ;").
-    # Written answers grow as the square of the chain length. See data/synthetic.py.
-    c.data.carry = False
+    # With labels, > 0: every carry_every-th written step also restates the terms still to add
+    # after "|" ("b5:3+5=8 | c7 d2 ;"), so a term is found by name within the last few steps,
+    # never 250+ tokens back in the prompt. 0 = never. See data/synthetic.py.
+    c.data.carry_every = 0
     c.data.direct_fraction = 0.3  # Share of SFT demonstrations that take the short route.
     c.data.tokenizer_vocab_size = 48
     # Demonstration batches (SFT, reward model) are padded to a multiple of this many tokens,

@@ -6,7 +6,7 @@ Feeds the held-out problems' correct written solutions to the policy exported by
 (``WORKDIR/sft_policy``) and reports the mean probability the policy gives each correct token,
 grouped by the token's role in its step (``c7:13+7=20 ;``: the label ``c``, the term copied
 from the prompt ``7``, the partial sum carried from the previous step ``13``, the term again
-after ``+``, the new partial sum ``20``, the separators; with ``data.carry`` also the terms
+after ``+``, the new partial sum ``20``, the separators; with ``data.carry_every`` also the terms
 restated after ``|``), and for the term look-up also by step index (groups of 5 steps). A
 chain of n steps is right only if every token is, so one weak role explains a low greedy
 accuracy. The config is the SFT run's own (its ``config.json``); writes ``--out`` (JSON) when

@@ -61,7 +61,8 @@ BAD_FIELDS = [
     ("rollout.top_p", 0.0, "rollout.top_p=0.0"),
     ("model.num_kv_heads", 3, "model.num_kv_heads=3: must divide model.num_heads=4"),
     ("mesh.data", 0, "mesh.data=0"),
-    ("data.carry", True, "data.carry=True needs data.labels=True"),
+    ("data.carry_every", 2, "data.carry_every=2 needs data.labels=True"),
+    ("data.carry_every", -1, "data.carry_every=-1: expected an integer >= 0"),
     ("mesh.rules", (("embed", "model"),), "mesh.rules: bad rule ('embed', 'model')"),
 ]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vcppo_jax import rewards
-from vcppo_jax.data.synthetic import AdditionTask, sft_examples
+from vcppo_jax.data.synthetic import LABELS, AdditionTask, sft_examples
 
 
 def test_extract_answer():
@@ -78,26 +78,31 @@ def test_labelled_task_names_each_term_and_step():
 
 
 def test_carried_task_restates_the_terms_still_to_add():
-    task = AdditionTask(num_terms=4, digits=1, labels=True, carry=True)
+    task = AdditionTask(num_terms=4, digits=1, labels=True, carry_every=1)
     p = task.make([3, 5, 7, 2])
-    assert p.full_solution == " b5:3+5=8 | c7 d2 ; c7:8+7=15 | d2 ; d2:15+2=17 | . Answer: 17"
-    long = AdditionTask(num_terms=14, digits=1, labels=True, carry=True)
-    for q in long.problems(20, seed=3):
-        named = [f"{a}{t}" for a, t in zip("abcdefghijklmn", q.terms, strict=True)]
-        previous = named[1:]  # What the prompt leaves after the first term.
-        for i, step in enumerate(q.full_solution.strip().split(" . ")[0].split(" ; "), 1):
-            head, _, carried = step.partition(" |")
-            label, _, arith = head.partition(":")
-            lhs, res = arith.split("=")
-            a, t = map(int, lhs.split("+"))
-            # The step's term is the first one the previous step carried, the rest carried on.
-            assert label == previous[0] == named[i] and t == q.terms[i]
-            assert carried.split() == named[i + 1 :] == previous[1:]
-            assert a + t == int(res) == sum(q.terms[: i + 1])
-            previous = carried.split()
-        assert rewards.exact_match(q.full_solution, q.answer)
+    assert p.full_solution == " b5:3+5=8 | c7 d2 ; c7:8+7=15 | d2 ; d2:15+2=17 . Answer: 17"
+    for n, every in ((14, 1), (24, 6), (23, 5)):
+        task = AdditionTask(num_terms=n, digits=1, labels=True, carry_every=every)
+        for q in task.problems(20, seed=3):
+            named = [f"{a}{t}" for a, t in zip(LABELS, q.terms, strict=False)]
+            latest = named  # The newest list naming the terms: the prompt, then each restated.
+            steps = q.full_solution.strip().split(" . ")[0].split(" ; ")
+            assert len(steps) == n - 1
+            for i, step in enumerate(steps, 1):
+                head, bar, carried = step.partition(" |")
+                label, _, arith = head.partition(":")
+                lhs, res = arith.split("=")
+                a, t = map(int, lhs.split("+"))
+                # The step's term is in the newest list, written at most `every` steps back.
+                assert label == named[i] and label in latest and t == q.terms[i]
+                assert a + t == int(res) == sum(q.terms[: i + 1])
+                assert bool(bar) == (i % every == 0 and i < n - 1)
+                if bar:  # Restated: exactly the terms after this one.
+                    assert carried.split() == named[i + 1 :]
+                    latest = carried.split()
+            assert rewards.exact_match(q.full_solution, q.answer)
     with pytest.raises(ValueError, match="labels"):
-        AdditionTask(num_terms=4, digits=1, carry=True)
+        AdditionTask(num_terms=4, digits=1, carry_every=2)
 
 
 @pytest.mark.parametrize("labels", [False, True])

@@ -50,7 +50,7 @@ def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         "data.num_terms",
         "data.digits",
         "data.labels",
-        "data.carry",
+        "data.carry_every",
         "data.tokenizer_vocab_size",
         "data.train_files",
         *extra,
@@ -68,7 +68,7 @@ def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
 # checkpoint was written with the field at this value.
 ADDED_FIELDS: dict[str, Any] = {
     "data.labels": False,
-    "data.carry": False,
+    "data.carry_every": 0,
     "sft.min_terms": 0,
     "model.rope_theta": 10000.0,
 }

@@ -237,9 +237,11 @@ def validate_data(check: Checker) -> None:
             f"data.num_terms={num_terms}: at most {len(LABELS)} with data.labels=True "
             "(one letter per term)"
         )
-    carry = check("data.carry", is_bool, "True or False")
-    if carry is True and labels is False:
-        check.problem("data.carry=True needs data.labels=True (the carried terms are named)")
+    carry = check("data.carry_every", non_negative_int, "an integer >= 0 (0 = off)")
+    if positive_int(carry) and labels is False:
+        check.problem(
+            f"data.carry_every={carry} needs data.labels=True (the restated terms are named)"
+        )
     check("data.direct_fraction", unit, "a number in [0, 1]")
     check("data.tokenizer_vocab_size", lambda x: positive_int(x) and x >= 20, "an integer >= 20")
     check("data.pad_multiple", positive_int, "a positive integer")

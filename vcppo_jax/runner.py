@@ -154,7 +154,10 @@ class Experiment:
             np.prod([self.mesh.shape[a] for a in sharding.batch_axes(self.rules)])
         )
         self.task = AdditionTask(
-            config.data.num_terms, config.data.digits, config.data.labels, config.data.carry
+            config.data.num_terms,
+            config.data.digits,
+            config.data.labels,
+            config.data.carry_every,
         )
         self._sft_init = self._check_sft_init()
         self.source = self._source()

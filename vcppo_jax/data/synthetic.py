@@ -21,14 +21,14 @@ hard:
     full:      " b5:3+5=8 ; c7:8+7=15 ; d2:15+2=17 . Answer: 17"
     direct:    " Answer: 17"
 
-``carry=True`` (with labels; the long regime) makes every step also restate the terms still
-to add after ``|``, so each step's term is the first one carried by the step before and every
-copy is from the last few dozen tokens, however long the chain (a look-up by name 250+ tokens
-back is what a small model fails to learn). The written solution then grows as the square of
-the chain length (13 terms: ~330 tokens); the whole sum stays as hard:
+``carry_every=K`` (with labels; the long regime) makes every K-th step also restate the terms
+still to add after ``|``, so a term is always found by name within the last K steps (in the
+latest restated list, or the prompt) however long the chain: a look-up by name 250+ tokens
+back is what a small model fails to learn. Restating costs about n^2 / (2K) items over a
+chain of n terms; the whole sum stays as hard. With K = 1:
 
     prompt:    "Add: a3 b5 c7 d2 ="
-    full:      " b5:3+5=8 | c7 d2 ; c7:8+7=15 | d2 ; d2:15+2=17 | . Answer: 17"
+    full:      " b5:3+5=8 | c7 d2 ; c7:8+7=15 | d2 ; d2:15+2=17 . Answer: 17"
     direct:    " Answer: 17"
 """
 
@@ -56,7 +56,7 @@ class AdditionTask:
     num_terms: int = 5
     digits: int = 2
     labels: bool = False
-    carry: bool = False
+    carry_every: int = 0  # Restate the remaining terms every this many steps; 0 = never.
 
     def __post_init__(self):
         if self.num_terms < 2:
@@ -68,8 +68,10 @@ class AdditionTask:
                 f"num_terms must be <= {len(LABELS)} with labels (one letter per term); "
                 f"got {self.num_terms}"
             )
-        if self.carry and not self.labels:
-            raise ValueError("carry=True needs labels=True (carried terms are named)")
+        if self.carry_every < 0:
+            raise ValueError(f"carry_every must be >= 0 (0 = off); got {self.carry_every}")
+        if self.carry_every and not self.labels:
+            raise ValueError("carry_every > 0 needs labels=True (the restated terms are named)")
 
     def _solution(self, terms: tuple[int, ...], wrong_step: int = 0, delta: int = 0) -> str:
         """Every partial sum written; step ``wrong_step`` (1-based, 0 = none) is off by
@@ -79,7 +81,7 @@ class AdditionTask:
             new = acc + t + (delta if i == wrong_step else 0)
             name = f"{LABELS[i]}{t}:" if self.labels else ""
             step = f"{name}{acc}+{t}={new}"
-            if self.carry:
+            if self.carry_every and i % self.carry_every == 0 and i + 1 < len(terms):
                 step += " |" + "".join(f" {LABELS[j]}{terms[j]}" for j in range(i + 1, len(terms)))
             steps.append(step)
             acc = new
