@@ -16,10 +16,8 @@ one.
 from __future__ import annotations
 
 import dataclasses
-import filecmp
 import json
 import os
-import shutil
 import signal
 import sys
 import time
@@ -32,13 +30,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
-from vcppo_jax import rewards, sampling, sharding, updates
+from vcppo_jax import rewards, sampling, sft_export, sharding, updates
 from vcppo_jax.checkpoint import (
     SFT_KEYS,
     Checkpointer,
-    CheckpointMismatchError,
     fingerprint,
-    fingerprint_diff,
 )
 from vcppo_jax.config_validation import validate_config
 from vcppo_jax.data.sources import EVAL_SEED_OFFSET, MathSource, SyntheticSource
@@ -48,9 +44,6 @@ from vcppo_jax.models import ModelConfig, hf
 from vcppo_jax.tokenizer import check_vocab
 
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
-
-
-SFT_EXPORT = "sft_policy"  # WORKDIR/sft_policy: the SFT policy (HF format) + tokenizer.
 
 
 @dataclasses.dataclass
@@ -209,56 +202,23 @@ class Experiment:
         src = self.config.sft.init_from
         if not src:
             return None
-        # The export directory itself, or the workdir of the run that wrote it.
-        exported = os.path.isfile(os.path.join(src, "fingerprint.json"))
-        path = src if exported else os.path.join(src, SFT_EXPORT)
-        fp_file = os.path.join(path, "fingerprint.json")
-        if not os.path.isfile(fp_file):
-            raise FileNotFoundError(
-                f"sft.init_from={src!r}: no finished SFT policy there (expected {fp_file}, "
-                f"written when a run's SFT stage ends)"
-            )
-        with open(fp_file) as f:
-            saved = json.load(f)
-        diff = fingerprint_diff(saved, fingerprint(self.config, SFT_KEYS))
-        if diff:
-            raise CheckpointMismatchError(
-                f"sft.init_from={src!r} was trained under different settings:\n  "
-                + "\n  ".join(diff)
-            )
-        mine = os.path.join(self.workdir, "tokenizer", "spm.model")
-        theirs = os.path.join(path, "spm.model")
+        path = sft_export.resolve(src, fingerprint(self.config, SFT_KEYS))
         if jax.process_index() == 0:
-            if not os.path.exists(mine):
-                os.makedirs(os.path.dirname(mine), exist_ok=True)
-                shutil.copyfile(theirs, mine + ".tmp")
-                os.replace(mine + ".tmp", mine)
-            elif not filecmp.cmp(mine, theirs, shallow=False):
-                raise CheckpointMismatchError(
-                    f"{mine} differs from the tokenizer of sft.init_from={src!r}; use a new "
-                    "--workdir"
-                )
+            mine = os.path.join(self.workdir, "tokenizer", "spm.model")
+            sft_export.adopt_tokenizer(path, mine, src)
         return path
 
     def _export_sft_policy(self) -> None:
         """WORKDIR/sft_policy: the fine-tuned policy in HF format, its tokenizer and the
         settings it was trained under (what sft.init_from checks)."""
-        path = os.path.join(self.workdir, SFT_EXPORT)
         params = jax.tree.map(self._host, self.sft_state.params)
         if jax.process_index() != 0:
             return
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf.save_checkpoint(tmp, self.model_config, params)
+        tokenizer = ""
         if self.config.data.task == "addition":
-            shutil.copyfile(
-                os.path.join(self.workdir, "tokenizer", "spm.model"),
-                os.path.join(tmp, "spm.model"),
-            )
-        with open(os.path.join(tmp, "fingerprint.json"), "w") as f:
-            json.dump(fingerprint(self.config, SFT_KEYS), f, indent=2)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+            tokenizer = os.path.join(self.workdir, "tokenizer", "spm.model")
+        fp = fingerprint(self.config, SFT_KEYS)
+        sft_export.export(self.workdir, self.model_config, params, fp, tokenizer)
 
     def _model_config(self) -> ModelConfig:
         m = self.config.model
@@ -315,19 +275,7 @@ class Experiment:
             )[0]
             del self._hf_params
         elif self._sft_init:
-            config, params = hf.load_checkpoint(
-                self._sft_init,
-                param_dtype=c.model.param_dtype,
-                dtype=c.model.dtype,
-                remat=c.model.remat,
-            )
-            if dataclasses.replace(config, max_position_embeddings=0) != dataclasses.replace(
-                self.model_config, max_position_embeddings=0
-            ):
-                raise CheckpointMismatchError(
-                    f"sft.init_from: the model in {self._sft_init} ({config}) is not this "
-                    f"config's ({self.model_config})"
-                )
+            params = sft_export.load(self._sft_init, self.model_config)
             policy_params = sharding.shard_params(
                 params, self.model_config, self.mesh, self.rules, "lm"
             )[0]
