@@ -57,6 +57,25 @@ class MetricsWriter:
         os.replace(tmp, self.path)
         self._file = open(self.path, "a")
 
+    def trim_to(self, stages: list[str], stage_index: int, stage_step: int) -> None:
+        """Keeps only the rows of a run resumed at step ``stage_step`` of ``stages[stage_index]``
+        (the rows after it will be written again): a stage row at step s is done once s + 1
+        steps are; an evaluation row at step s comes before PPO step s."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        resume = (stage_index, stage_step)
+        kept = []
+        with open(self.path) as f:
+            for line in f:
+                row = json.loads(line)
+                stage = "ppo" if row["stage"] == "eval" else row["stage"]
+                if stage not in stages:
+                    continue
+                done = row["step"] + (0.5 if row["stage"] == "eval" else 1)
+                if (stages.index(stage), done) <= resume:
+                    kept.append(line)
+        self.rewrite(kept)
+
     def close(self):
         if self.enabled:
             self._file.close()
@@ -98,3 +117,45 @@ class Progress:
             file=sys.stderr,
             flush=True,
         )
+
+
+POSITION_PROFILE = "position_profile.json"
+
+
+def position_profile(values, advantages, returns, mask) -> dict:
+    """Mean value, advantage and Monte Carlo return by response position (host arrays
+    ``[B, T]``; None where no response reaches a position): the paper's
+    value-initialisation-bias picture, value minus return being the bias."""
+    m = np.asarray(mask)
+    count = m.sum(0)
+    mean = lambda x: [
+        float(v / n) if n else None for v, n in zip((np.asarray(x) * m).sum(0), count, strict=True)
+    ]
+    return {
+        "count": [float(n) for n in count],
+        "value": mean(values),
+        "advantage": mean(advantages),
+        "return": mean(returns),
+    }
+
+
+def write_profile(workdir: str, profile: dict) -> None:
+    """Writes a run's position profile (what ``load_profile`` reads)."""
+    with open(os.path.join(workdir, POSITION_PROFILE), "w") as f:
+        json.dump(profile, f)
+
+
+def load_profile(path: str) -> dict | None:
+    """The run's position_profile.json (value / advantage by position), if it has one."""
+    wd = path if os.path.isdir(path) else os.path.dirname(path)
+    prof = os.path.join(wd, POSITION_PROFILE)
+    if not os.path.exists(prof):
+        return None
+    with open(prof) as f:
+        out = json.load(f)
+    if "return" in out:  # The critic's bias: value minus the Monte Carlo return.
+        out["value_minus_return"] = [
+            None if v is None or r is None else v - r
+            for v, r in zip(out["value"], out["return"], strict=True)
+        ]
+    return out

@@ -10,7 +10,6 @@ value-pretraining curves, and value / advantage by token position at the start o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import matplotlib
@@ -19,7 +18,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from vcppo_jax.metrics import read_metrics  # noqa: E402
+from vcppo_jax.metrics import load_profile, read_metrics  # noqa: E402
 
 PPO_PANELS = (
     ("rollout/response_length_mean", "ppo", "response length (tokens)"),
@@ -70,22 +69,6 @@ def save_panels(path: str, panels: list[tuple[str, str, Series]], ncols: int) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def load_profile(path: str) -> dict | None:
-    """The run's position_profile.json (value / advantage by position), if it has one."""
-    wd = path if os.path.isdir(path) else os.path.dirname(path)
-    prof = os.path.join(wd, "position_profile.json")
-    if not os.path.exists(prof):
-        return None
-    with open(prof) as f:
-        out = json.load(f)
-    if "return" in out:  # The critic's bias: value minus the Monte Carlo return.
-        out["value_minus_return"] = [
-            None if v is None or r is None else v - r
-            for v, r in zip(out["value"], out["return"], strict=True)
-        ]
-    return out
 
 
 PROFILE_TITLES = {

@@ -16,7 +16,6 @@ one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -30,6 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
+from vcppo_jax import metrics as metrics_lib
 from vcppo_jax import rewards, sampling, sft_export, sharding, updates
 from vcppo_jax.checkpoint import (
     SFT_KEYS,
@@ -412,23 +412,7 @@ class Experiment:
     def _truncate_metrics(self, stage_index: int, stage_step: int) -> None:
         """Drops metric rows written after the checkpoint being resumed (they will be written
         again), so that the file reads as one uninterrupted run."""
-        path = self.metrics.path
-        if not self.metrics.enabled or not os.path.exists(path):
-            return
-        resume = (stage_index, stage_step)
-        kept = []
-        with open(path) as f:
-            for line in f:
-                row = json.loads(line)
-                stage = "ppo" if row["stage"] == "eval" else row["stage"]
-                if stage not in self.stages:
-                    continue
-                # A stage row at step s is done once s + 1 steps are; an eval row at step s
-                # comes before PPO step s.
-                done = row["step"] + (0.5 if row["stage"] == "eval" else 1)
-                if (self.stages.index(stage), done) <= resume:
-                    kept.append(line)
-        self.metrics.rewrite(kept)
+        self.metrics.trim_to(self.stages, stage_index, stage_step)
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
@@ -768,23 +752,10 @@ class Experiment:
         return out
 
     def _write_position_profile(self, values, advantages, returns, mask) -> None:
-        """Mean value, advantage and Monte Carlo return by response position at the start of
-        PPO (the paper's value-initialisation-bias picture: value minus return is the bias)."""
-        m = self._host(mask)
-        count = m.sum(0)
-        mean = lambda x: [
-            float(v / n) if n else None
-            for v, n in zip((self._host(x) * m).sum(0), count, strict=True)
-        ]
-        prof = {
-            "count": [float(n) for n in count],
-            "value": mean(values),
-            "advantage": mean(advantages),
-            "return": mean(returns),
-        }
+        """The value / advantage / return by response position at the start of PPO."""
+        arrays = [self._host(x) for x in (values, advantages, returns, mask)]
         if jax.process_index() == 0:
-            with open(os.path.join(self.workdir, "position_profile.json"), "w") as f:
-                json.dump(prof, f)
+            metrics_lib.write_profile(self.workdir, metrics_lib.position_profile(*arrays))
 
     def evaluate(self, step: int) -> dict:
         c = self.config
