@@ -19,7 +19,7 @@ import math
 import jax
 import numpy as np
 
-from vcppo_jax import models, sharding, updates
+from vcppo_jax import models, sharding, train_state
 from vcppo_jax.models import ModelConfig
 
 QWEN25_32B = ModelConfig(
@@ -61,7 +61,7 @@ def plan(config, devices: int) -> dict[str, float]:
     mesh_shape = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     out = {}
-    tx = updates.make_optimizer(1e-6)
+    tx = train_state.make_optimizer(1e-6)
     for head, name in (("lm", "policy"), ("value", "critic")):
         shapes, specs = models.abstract_params(mcfg, head)
         out[f"{name} parameters"] = shard_bytes(shapes, specs, mesh_shape, rules)

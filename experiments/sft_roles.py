@@ -91,7 +91,7 @@ def measure(sft_dir: str, prompts: int) -> dict:
         problems = exp.source.eval_problems(prompts)
         b = exp._sequences([p.prompt for p in problems], [p.full_solution for p in problems])
         lp = np.asarray(
-            updates.score_rollout(exp.model_config, exp.policy.params, b.tokens, b.positions)
+            updates.score_rollout(exp.model_config, exp.states.policy.params, b.tokens, b.positions)
         )
         tok = exp.tokenizer
         by_role, lookup = collections.defaultdict(list), collections.defaultdict(list)

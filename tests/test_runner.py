@@ -379,7 +379,9 @@ def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
         assert tok.decode(d).strip() == "Answer:" and tok.decode(w).strip() == "b"
     prompts, plen = tok.encode_prompts([p.prompt for p in problems])
     for forced in (direct, written):
-        batch, _, _ = exp._rollout(exp.policy.params, problems, exp.key, exp.greedy_params, forced)
+        batch, _, _ = exp._rollout(
+            exp.states.policy.params, problems, exp.key, exp.greedy_params, forced
+        )
         tokens, positions = np.asarray(batch.tokens), np.asarray(batch.positions)
         for i, f in enumerate(forced):  # The prompt, then the forced tokens, then the response.
             n = int(plen[i])

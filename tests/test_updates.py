@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcppo_jax import models, updates
+from vcppo_jax import models, train_state, updates
 from vcppo_jax.models import ModelConfig
 
 CFG = ModelConfig(
@@ -44,8 +44,8 @@ def test_response_gathers_match_hand_indexing():
 
 def test_sft_step_learns_a_fixed_batch():
     tokens, positions, mask = batch(1)
-    state = updates.TrainState.create(
-        models.init_params(CFG, jax.random.key(0)), updates.make_optimizer(1e-2)
+    state = train_state.TrainState.create(
+        models.init_params(CFG, jax.random.key(0)), train_state.make_optimizer(1e-2)
     )
     losses = []
     for _ in range(30):
@@ -57,8 +57,8 @@ def test_sft_step_learns_a_fixed_batch():
 
 def test_critic_step_fits_returns_and_actor_step_follows_advantages():
     tokens, positions, mask = batch(2)
-    critic = updates.TrainState.create(
-        models.init_params(CFG, jax.random.key(1), "value"), updates.make_optimizer(1e-2)
+    critic = train_state.TrainState.create(
+        models.init_params(CFG, jax.random.key(1), "value"), train_state.make_optimizer(1e-2)
     )
     returns = jnp.where(mask > 0, 0.7, 0.0)
     old_v = jnp.zeros_like(returns)
@@ -69,7 +69,7 @@ def test_critic_step_fits_returns_and_actor_step_follows_advantages():
     assert float(m["critic/value_loss"]) < 0.05 * first
 
     params = models.init_params(CFG, jax.random.key(3))
-    actor = updates.TrainState.create(params, updates.make_optimizer(3e-3))
+    actor = train_state.TrainState.create(params, train_state.make_optimizer(3e-3))
     old_logp = updates.score_rollout(CFG, params, tokens, positions)
     adv = jnp.where(mask > 0, 1.0, 0.0)  # Every sampled token was good: make it likelier.
     kw = dict(
@@ -102,8 +102,8 @@ def test_position_offset_table_adds_per_response_token():
     shifted = updates.response_values(CFG, {**critic, "position_offset": table}, tokens, positions)
     np.testing.assert_allclose(np.asarray(shifted - plain), np.tile(table[:6], (3, 1)), atol=1e-6)
     # The table is trainable like any other critic parameter.
-    state = updates.TrainState.create(
-        {**critic, "position_offset": table}, updates.make_optimizer(1e-2, grad_clip=1.0)
+    state = train_state.TrainState.create(
+        {**critic, "position_offset": table}, train_state.make_optimizer(1e-2, grad_clip=1.0)
     )
     before = np.asarray(table)
     mask = jnp.ones((3, 6))

@@ -1,8 +1,9 @@
 """Orbax checkpoints of a whole experiment: model states, optimiser states, progress and RNG.
 
-A checkpoint holds ``state`` (a pytree of arrays: policy, critic, reference, reward model and
-their optimiser states, the RNG key data) and ``meta`` (JSON: stage, step within the stage,
-data position, and the config fingerprint). Saves are asynchronous; Orbax only ever lists
+A checkpoint holds ``state`` (``train_state.ModelStates``: policy, SFT policy, critic, reward
+model and their optimiser states, the reference policy) and ``meta`` (JSON: stage, step within
+the stage, data position, and the config fingerprint). No RNG state is saved: every step's keys
+are a function of (seed, stage, step). Saves are asynchronous; Orbax only ever lists
 checkpoints whose write has finished, so a half-written one is never restored: the previous
 complete one is. Restoring under a config whose fingerprint differs is refused with the list
 of differing fields.

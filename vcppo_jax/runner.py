@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
 from vcppo_jax import metrics as metrics_lib
-from vcppo_jax import rewards, sampling, sft_export, sharding, updates
+from vcppo_jax import rewards, sampling, sft_export, sharding, train_state, updates
 from vcppo_jax.checkpoint import (
     SFT_KEYS,
     Checkpointer,
@@ -211,7 +211,7 @@ class Experiment:
     def _export_sft_policy(self) -> None:
         """WORKDIR/sft_policy: the fine-tuned policy in HF format, its tokenizer and the
         settings it was trained under (what sft.init_from checks)."""
-        params = jax.tree.map(self._host, self.sft_state.params)
+        params = jax.tree.map(self._host, self.states.sft.params)
         if jax.process_index() != 0:
             return
         tokenizer = ""
@@ -281,25 +281,27 @@ class Experiment:
             )[0]
         else:
             policy_params = init(k_pol, "lm")
-        self.sft_tx = updates.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
-        self.actor_tx = updates.make_optimizer(
+        self.sft_tx = train_state.make_optimizer(c.sft.learning_rate, grad_clip=c.actor.grad_clip)
+        self.actor_tx = train_state.make_optimizer(
             c.actor.learning_rate,
             warmup_steps=c.actor.warmup_steps,
             grad_clip=c.actor.grad_clip,
             weight_decay=c.actor.weight_decay,
         )
-        self.critic_tx = updates.make_optimizer(
+        self.critic_tx = train_state.make_optimizer(
             c.critic.learning_rate,
             warmup_steps=c.critic.warmup_steps,
             grad_clip=c.critic.grad_clip,
             weight_decay=c.critic.weight_decay,
         )
-        self.rm_tx = updates.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
-        self.policy = self._new_state(policy_params, self.actor_tx)
-        self.sft_state = self._new_state(_copy(policy_params), self.sft_tx)
-        self.critic = self._new_state(self._critic_params(init(k_crit, "value")), self.critic_tx)
-        self.reward_model = self._new_state(init(k_rm, "value"), self.rm_tx)
-        self.reference = _copy(policy_params)
+        self.rm_tx = train_state.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
+        self.states = train_state.ModelStates(
+            policy=self._new_state(policy_params, self.actor_tx),
+            sft=self._new_state(_copy(policy_params), self.sft_tx),
+            critic=self._new_state(self._critic_params(init(k_crit, "value")), self.critic_tx),
+            reward_model=self._new_state(init(k_rm, "value"), self.rm_tx),
+            reference=_copy(policy_params),
+        )
 
     def _critic_params(self, params, offset: float = 0.0) -> dict:
         """A value model's parameters as the critic holds them: with critic.init_offset added
@@ -323,30 +325,10 @@ class Experiment:
         shard = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
 
-    def _state_tree(self) -> dict:
-        pack = lambda s: {"params": s.params, "opt_state": s.opt_state, "step": s.step}
-        return {
-            "policy": pack(self.policy),
-            "sft": pack(self.sft_state),
-            "critic": pack(self.critic),
-            "reward_model": pack(self.reward_model),
-            "reference": self.reference,
-        }
-
-    def _load_state_tree(self, tree: dict) -> None:
-        unpack = lambda s, d: s.replace(
-            params=d["params"], opt_state=d["opt_state"], step=d["step"]
-        )
-        self.policy = unpack(self.policy, tree["policy"])
-        self.sft_state = unpack(self.sft_state, tree["sft"])
-        self.critic = unpack(self.critic, tree["critic"])
-        self.reward_model = unpack(self.reward_model, tree["reward_model"])
-        self.reference = tree["reference"]
-
-    def _new_state(self, params, tx) -> updates.TrainState:
+    def _new_state(self, params, tx) -> train_state.TrainState:
         """A train state whose every leaf lives on the mesh (optimiser counters and the step
         are created on one device otherwise, which a multi-process checkpoint cannot save)."""
-        state = updates.TrainState.create(params, tx)
+        state = train_state.TrainState.create(params, tx)
         local = lambda a: not isinstance(a.sharding, jax.sharding.NamedSharding)
         return jax.tree.map(lambda a: self._put(self._host(a)) if local(a) else a, state)
 
@@ -385,10 +367,10 @@ class Experiment:
             "data": self.source.state(),
         }
         self._ckpt_step += 1
-        self.checkpointer.save(self._ckpt_step, self._state_tree(), meta, force=force)
+        self.checkpointer.save(self._ckpt_step, self.states, meta, force=force)
 
     def _restore(self) -> tuple[int, int]:
-        restored = self.checkpointer.restore(self._state_tree(), fingerprint(self.config))
+        restored = self.checkpointer.restore(self.states, fingerprint(self.config))
         self._ckpt_step = self.checkpointer.latest_step() or 0
         if restored is None:
             return 0, 0
@@ -398,7 +380,7 @@ class Experiment:
                 f"the checkpoint's stages {meta['stages']} differ from this config's "
                 f"{self.stages}; use a new --workdir"
             )
-        self._load_state_tree(tree)
+        self.states = tree
         self.source.restore(meta.get("data", {}))
         self._truncate_metrics(meta["stage_index"], meta["stage_step"])
         print(
@@ -493,8 +475,8 @@ class Experiment:
             self.task, c.sft.batch_size, seed, c.data.direct_fraction, c.sft.min_terms
         )
         b = self._sequences([p for p, _ in pairs], [r for _, r in pairs])
-        self.sft_state, m = updates.sft_step(
-            self.model_config, self.sft_state, b.tokens, b.positions, b.mask
+        self.states.sft, m = updates.sft_step(
+            self.model_config, self.states.sft, b.tokens, b.positions, b.mask
         )
         return m
 
@@ -514,9 +496,9 @@ class Experiment:
             targets.append(c.reward.correct if right else c.reward.incorrect)
         b = self._sequences([p.prompt for p in problems], responses)
         last = self._host(b.positions)[np.arange(len(problems)), b.lengths - 1]
-        self.reward_model, m = updates.reward_model_step(
+        self.states.reward_model, m = updates.reward_model_step(
             self.model_config,
-            self.reward_model,
+            self.states.reward_model,
             b.tokens,
             self._put(last),
             self._put(np.asarray(targets, np.float32)),
@@ -553,11 +535,11 @@ class Experiment:
         key, rng = self._rng("value_pretrain", step)
         problems = self._problems(rng)
         batch, info, correct = self._rollout(
-            self.policy.params, problems, key, self.sampling_params
+            self.states.policy.params, problems, key, self.sampling_params
         )
         r = self._put(self._rewards(correct, batch))
         values = updates.critic_values(
-            self.model_config, self.critic.params, batch.tokens, batch.positions
+            self.model_config, self.states.critic.params, batch.tokens, batch.positions
         )
         lam = c.value_pretrain.lambda_
         _, returns = adv_lib.decoupled_gae(
@@ -566,9 +548,9 @@ class Experiment:
         metrics = []
         for _ in range(c.ppo.epochs):
             for idx in self._minibatches(len(problems), rng):
-                self.critic, m = updates.critic_step(
+                self.states.critic, m = updates.critic_step(
                     self.model_config,
-                    self.critic,
+                    self.states.critic,
                     batch.tokens[idx],
                     batch.positions[idx],
                     batch.mask[idx],
@@ -603,7 +585,7 @@ class Experiment:
         problems = self._problems(rng)
         t0 = time.time()
         batch, info, correct = self._rollout(
-            self.policy.params, problems, key, self.sampling_params
+            self.states.policy.params, problems, key, self.sampling_params
         )
         r_np = self._rewards(correct, batch)
         r = self._put(r_np)
@@ -615,7 +597,7 @@ class Experiment:
             info["rollout/kept_fraction"] = float(keep.mean())
         temp = c.rollout.temperature or 1.0
         old_logp = updates.score_rollout(
-            self.model_config, self.policy.params, batch.tokens, batch.positions, temp
+            self.model_config, self.states.policy.params, batch.tokens, batch.positions, temp
         )
         # The sampler's log-probs should equal the trainer's (PPO's ratio starts at 1).
         info["rollout/sampler_logprob_max_diff"] = float(
@@ -624,7 +606,7 @@ class Experiment:
         ref_logp = old_logp
         if c.ppo.kl_coef > 0:
             ref_logp = updates.score_rollout(
-                self.model_config, self.reference, batch.tokens, batch.positions, temp
+                self.model_config, self.states.reference, batch.tokens, batch.positions, temp
             )
         gae_metrics = {}
         if c.gae.estimator == "grpo":
@@ -635,7 +617,7 @@ class Experiment:
             values = returns = None
         else:
             values = updates.critic_values(
-                self.model_config, self.critic.params, batch.tokens, batch.positions
+                self.model_config, self.states.critic.params, batch.tokens, batch.positions
             )
             lam_actor = c.gae.lambda_actor
             if c.gae.length_adaptive_alpha is not None:
@@ -688,9 +670,9 @@ class Experiment:
             for idx in self._minibatches(len(problems), rng):
                 m = {}
                 if values is not None:
-                    self.critic, m = updates.critic_step(
+                    self.states.critic, m = updates.critic_step(
                         self.model_config,
-                        self.critic,
+                        self.states.critic,
                         batch.tokens[idx],
                         batch.positions[idx],
                         mask[idx],
@@ -699,9 +681,9 @@ class Experiment:
                         value_clip=c.ppo.value_clip,
                         agg_mode=c.ppo.loss_agg_mode,
                     )
-                self.policy, am = updates.actor_step(
+                self.states.policy, am = updates.actor_step(
                     self.model_config,
-                    self.policy,
+                    self.states.policy,
                     batch.tokens[idx],
                     batch.positions[idx],
                     mask[idx],
@@ -720,18 +702,18 @@ class Experiment:
                     temperature=temp,
                 )
                 metrics.append({**m, **am})
-        jax.block_until_ready(self.policy.params)
+        jax.block_until_ready(self.states.policy.params)
         train_s = time.time() - t1
         # How far this step's updates moved each model's outputs on the step's own batch.
         new_logp = updates.score_rollout(
-            self.model_config, self.policy.params, batch.tokens, batch.positions, temp
+            self.model_config, self.states.policy.params, batch.tokens, batch.positions, temp
         )
         info["mechanism/actor_speed"] = float(
             adv_lib.masked_mean(jnp.abs(new_logp - old_logp), mask)
         )
         if values is not None:
             new_values = updates.critic_values(
-                self.model_config, self.critic.params, batch.tokens, batch.positions
+                self.model_config, self.states.critic.params, batch.tokens, batch.positions
             )
             info["mechanism/critic_speed"] = float(
                 adv_lib.masked_mean(jnp.abs(new_values - values), mask)
@@ -761,10 +743,14 @@ class Experiment:
         c = self.config
         problems = self.source.eval_problems(c.eval.num_prompts)
         key = jax.random.fold_in(self.key, EVAL_SEED_OFFSET + step)
-        greedy, _, g_correct = self._rollout(self.policy.params, problems, key, self.greedy_params)
+        greedy, _, g_correct = self._rollout(
+            self.states.policy.params, problems, key, self.greedy_params
+        )
         k = c.eval.num_samples
         many = [p for p in problems for _ in range(k)]
-        sampled, _, s_correct = self._rollout(self.policy.params, many, key, self.sampling_params)
+        sampled, _, s_correct = self._rollout(
+            self.states.policy.params, many, key, self.sampling_params
+        )
         s = s_correct.reshape(-1, k)
         out = {
             "eval/accuracy": float(g_correct.mean()),
@@ -780,7 +766,7 @@ class Experiment:
                 ("direct", "written"), self._route_prefixes(problems), strict=True
             ):
                 _, _, ok = self._rollout(
-                    self.policy.params, problems, key, self.greedy_params, forced
+                    self.states.policy.params, problems, key, self.greedy_params, forced
                 )
                 out[f"eval/accuracy_greedy_{route}_route"] = float(ok.mean())
         return out
@@ -814,34 +800,34 @@ class Experiment:
             # starts from critic.init.
             start = c.value_pretrain.init if stage == "value_pretrain" else c.critic.init
             if start == "reward_model":
-                params = _copy(self.reward_model.params)
+                params = _copy(self.states.reward_model.params)
             elif start == "policy":
-                params = self._on_policy_backbone(self.critic.params)
+                params = self._on_policy_backbone(self.states.critic.params)
             else:
-                params = self.critic.params
-            self.critic = self._new_state(
+                params = self.states.critic.params
+            self.states.critic = self._new_state(
                 self._critic_params(params, c.critic.init_offset), self.critic_tx
             )
         if stage == "reward_model" and c.reward_model.init == "policy":
-            self.reward_model = self._new_state(
-                self._on_policy_backbone(self.reward_model.params), self.rm_tx
+            self.states.reward_model = self._new_state(
+                self._on_policy_backbone(self.states.reward_model.params), self.rm_tx
             )
         if stage == "ppo":
             # The critic's optimiser starts afresh; the reference is the starting policy.
-            self.critic = self._new_state(self.critic.params, self.critic_tx)
-            self.reference = _copy(self.policy.params)
+            self.states.critic = self._new_state(self.states.critic.params, self.critic_tx)
+            self.states.reference = _copy(self.states.policy.params)
 
     def _on_policy_backbone(self, value_params: dict) -> dict:
         """A value model's parameters on (a copy of) the policy's backbone, keeping its own fresh
         value head."""
         params = dict(value_params)
-        params["decoder"] = _copy(self.policy.params["decoder"])
+        params["decoder"] = _copy(self.states.policy.params["decoder"])
         return params
 
     def _exit_stage(self, stage: str) -> None:
         if stage == "sft":  # The fine-tuned weights become the policy, with PPO's optimiser.
-            self.policy = self._new_state(_copy(self.sft_state.params), self.actor_tx)
-            self.reference = _copy(self.sft_state.params)
+            self.states.policy = self._new_state(_copy(self.states.sft.params), self.actor_tx)
+            self.states.reference = _copy(self.states.sft.params)
             self._export_sft_policy()
 
     def total_steps(self, stage: str) -> int:
@@ -926,7 +912,9 @@ class Experiment:
                         return
                 if stage == "ppo" and start < total:
                     self.metrics.write(total, "eval", self.evaluate(total))
-            checksum = sum(float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(self.policy.params))
+            checksum = sum(
+                float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(self.states.policy.params)
+            )
             print(
                 f"process {jax.process_index()}/{jax.process_count()}: done; policy parameter "
                 f"checksum {checksum:.6e}",
