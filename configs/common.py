@@ -151,7 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.critic.grad_clip = 1.0
     c.critic.weight_decay = 0.0
     # Where the critic starts: "reward_model" (the paper's failing baseline), "policy" (the
-    # policy's backbone with a fresh value head) or "value_pretrain" (VC-PPO).
+    # policy's backbone with a fresh value head) or "value_pretrain" (VC-PPO: the value
+    # pretraining stage runs, starting from value_pretrain.init, and PPO's critic is its result).
     c.critic.init = "value_pretrain"
     # A controlled bias on unfinished prefixes, applied when the critic is first set up,
     # whatever it starts from (value pretraining, when on, starts from the biased critic):
@@ -162,9 +163,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.critic.init_offset = 0.0
     c.critic.init_offset_profile = "constant"
 
-    # Value pretraining (VC-PPO section 4.1): fixed policy, Monte Carlo targets (lambda = 1).
+    # Value pretraining (VC-PPO section 4.1; runs when critic.init = "value_pretrain"): fixed
+    # policy, Monte Carlo targets (lambda = 1).
     c.value_pretrain = ml_collections.ConfigDict()
-    c.value_pretrain.enabled = True
     c.value_pretrain.steps = 100
     c.value_pretrain.lambda_ = 1.0
     # Where value pretraining starts: "policy" (the SFT policy's backbone, fresh value head),

@@ -20,5 +20,4 @@ def get_config(arg: str | None = None):
         # trained one is not supported), so with a pretrained policy the critic starts from
         # the policy's backbone with a fresh value head.
         c.critic.init = "policy"
-    c.value_pretrain.enabled = False
     return c

@@ -19,5 +19,4 @@ def get_config(arg: str | None = None):
     c.gae.lambda_actor = 0.95
     c.gae.lambda_critic = 1.0
     c.critic.init = "value_pretrain"
-    c.value_pretrain.enabled = True
     return c

@@ -30,7 +30,6 @@ def run_one(out: str, terms: int, seed: int) -> dict:
         f"--config.seed={seed}",
         f"--config.data.num_terms={terms}",
         "--config.ppo.steps=1",
-        "--config.value_pretrain.enabled=False",
         "--config.critic.init=policy",
         "--config.eval.num_samples=8",
         f"--config.rollout.max_new_tokens={16 * terms + 16}",

@@ -62,7 +62,6 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
             "--config.gae.estimator=grpo",
             "--config.rollout.samples_per_prompt=4",
             "--config.rollout.prompts_per_step=8",
-            "--config.value_pretrain.enabled=False",
             "--config.critic.init=policy",
         ),
         "GRPO (group of 4, no critic)",
@@ -97,7 +96,6 @@ PAPER_LAMBDA = {"0.9": 34.3, "0.95": 41.3, "0.99": 41.9, "1.0": 29.4}
 # The SFT-only run of each seed: no critic, no PPO steps; it exports WORKDIR/sft_policy.
 SFT_ONLY = (
     "--config.ppo.steps=0",
-    "--config.value_pretrain.enabled=False",
     "--config.critic.init=policy",
 )
 

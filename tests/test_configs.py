@@ -25,9 +25,9 @@ def test_every_variant_is_valid(module, variant):
 def test_paper_settings():
     v, p = vcppo.get_config("tiny"), ppo.get_config("tiny")
     assert (v.gae.lambda_actor, v.gae.lambda_critic) == (0.95, 1.0)
-    assert v.critic.init == "value_pretrain" and v.value_pretrain.enabled
+    assert v.critic.init == "value_pretrain"
     assert (p.gae.lambda_actor, p.gae.lambda_critic) == (0.95, 0.95)
-    assert p.critic.init == "reward_model" and not p.value_pretrain.enabled
+    assert p.critic.init == "reward_model"
     assert v.gae.gamma == 1.0 and v.ppo.eps_low == 0.2
     # Apart from the studied flags, the baseline and VC-PPO are the same experiment.
     a, b = v.to_dict(), p.to_dict()
@@ -35,7 +35,6 @@ def test_paper_settings():
         d.pop("experiment")
         d["gae"].pop("lambda_critic")
         d["critic"].pop("init")
-        d["value_pretrain"].pop("enabled")
     assert a == b
 
 
@@ -86,11 +85,11 @@ def test_all_problems_reported_at_once():
     c = vcppo.get_config("tiny")
     c.gae.lambda_actor = 2.0
     c.ppo.eps_high = 0.1
-    c.value_pretrain.enabled = False  # critic.init is still 'value_pretrain'.
+    c.sft.min_terms = 9  # Above data.num_terms = 5.
     with pytest.raises(ConfigError) as info:
         validate_config(c)
     assert len(info.value.problems) == 3
-    assert "value_pretrain.enabled=True" in str(info.value)
+    assert "sft.min_terms=9" in str(info.value)
 
 
 def test_missing_field():

@@ -292,7 +292,6 @@ def test_grpo_and_every_ppo_option_run(tmp_path):
         "--config.gae.estimator=grpo",
         "--config.rollout.samples_per_prompt=2",
         "--config.rollout.prompts_per_step=4",
-        "--config.value_pretrain.enabled=False",
         "--config.critic.init=policy",
     )
     assert grpo.returncode == 0, grpo.stderr[-3000:]
@@ -404,7 +403,7 @@ def test_sft_only_run_reports_the_policys_accuracy_by_route(tmp_path):
     """ppo.steps=0 (how the study trains each seed's SFT policy): one evaluation of the SFT
     policy, with the accuracy of each route, after the SFT stage."""
     wd = str(tmp_path)
-    flags = ("--config.ppo.steps=0", "--config.value_pretrain.enabled=False")
+    flags = ("--config.ppo.steps=0",)
     out = run_main(wd, *flags, "--config.critic.init=policy", "--config.sft.steps=2")
     assert out.returncode == 0, out.stderr[-3000:]
     evals = [r for r in rows(wd) if r["stage"] == "eval"]

@@ -198,18 +198,13 @@ def validate_critic(check: Checker) -> None:
     init = check("critic.init", *one_of(CRITIC_INITS))
     check("critic.init_offset", _is_number, "a finite number (0 = no offset)")
     check("critic.init_offset_profile", *one_of(OFFSET_PROFILES))
-    vp_enabled = check("value_pretrain.enabled", is_bool, "True or False")
     check("value_pretrain.steps", non_negative_int, "an integer >= 0")
     check("value_pretrain.lambda_", unit, "a number in [0, 1]")
     check("value_pretrain.init", *one_of(("policy", "reward_model", "random")))
-    if init == "value_pretrain" and vp_enabled is False:
-        check.problem(
-            "critic.init='value_pretrain': needs value_pretrain.enabled=True (or choose "
-            "critic.init='reward_model' or 'policy')"
-        )
     if check.get("model.hf_path"):
         for field in ("critic.init", "value_pretrain.init"):
-            if check.get(field) == "reward_model" and (field == "critic.init" or vp_enabled):
+            pretrained = init == "value_pretrain"
+            if check.get(field) == "reward_model" and (field == "critic.init" or pretrained):
                 check.problem(
                     f"{field}='reward_model': a reward model is trained on the synthetic task "
                     "only; with model.hf_path choose 'policy'"

@@ -252,13 +252,13 @@ class Experiment:
         # A pretrained policy or another run's SFT policy skips SFT.
         if c.sft.steps > 0 and not c.model.hf_path and not c.sft.init_from:
             stages.append("sft")
-        vp = c.value_pretrain.enabled and c.gae.estimator == "gae"
+        vp = c.critic.init == "value_pretrain" and c.gae.estimator == "gae"
         needs_rm = c.critic.init == "reward_model" or (
             vp and c.value_pretrain.init == "reward_model"
         )
         if needs_rm and c.gae.estimator == "gae":
             stages.append("reward_model")
-        if c.value_pretrain.enabled and c.gae.estimator == "gae":
+        if vp:
             stages.append("value_pretrain")
         stages.append("ppo")
         return stages
