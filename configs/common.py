@@ -115,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward.verifier_workers = 2  # math-verify worker processes (data.task = "math").
     c.reward.verifier_timeout_s = 5.0  # Per answer; a hang scores as incorrect and is counted.
 
+    # How advantages are estimated: "gae" (the critic and the lambdas below) or "grpo"
+    # (group-normalised rewards, no critic; needs rollout.samples_per_prompt > 1).
+    c.advantage = ml_collections.ConfigDict()
+    c.advantage.estimator = "gae"
+
     # Decoupled GAE (VC-PPO section 4.2) and VAPO's length-adaptive actor lambda.
     c.gae = ml_collections.ConfigDict()
     c.gae.gamma = 1.0
@@ -122,7 +127,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.gae.lambda_critic = 1.0
     c.gae.length_adaptive_alpha = config_dict.placeholder(float)  # VAPO: 0.05; None = off.
     c.gae.whiten_advantages = True
-    c.gae.estimator = "gae"  # "gae" or "grpo" (group-normalised rewards, no critic).
 
     # PPO.
     c.ppo = ml_collections.ConfigDict()

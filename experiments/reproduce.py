@@ -59,7 +59,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "grpo": (
         VCPPO,
         (
-            "--config.gae.estimator=grpo",
+            "--config.advantage.estimator=grpo",
             "--config.rollout.samples_per_prompt=4",
             "--config.rollout.prompts_per_step=8",
             "--config.critic.init=policy",

@@ -289,7 +289,7 @@ def test_grpo_and_every_ppo_option_run(tmp_path):
     """GRPO (no critic), and PPO with every optional term switched on, run end to end."""
     grpo = run_main(
         str(tmp_path / "grpo"),
-        "--config.gae.estimator=grpo",
+        "--config.advantage.estimator=grpo",
         "--config.rollout.samples_per_prompt=2",
         "--config.rollout.prompts_per_step=4",
         "--config.critic.init=policy",

@@ -334,7 +334,7 @@ def group_normalised_advantages(
     return norm.reshape(b, 1).astype(xp.float32) * mask
 
 
-# The advantage estimators the trainer can use (config: gae.estimator); "gae" needs a critic.
+# The advantage estimators the trainer can use (config: advantage.estimator); "gae" needs a critic.
 ESTIMATORS = ("gae", "grpo")
 
 

@@ -126,7 +126,7 @@ def validate_gae(check: Checker) -> None:
         "a positive number (VAPO uses 0.05) or None",
         optional=True,
     )
-    check("gae.estimator", *one_of(ESTIMATORS))
+    check("advantage.estimator", *one_of(ESTIMATORS))
     check("gae.whiten_advantages", is_bool, "True or False")
 
 
@@ -168,8 +168,8 @@ def validate_rollout(check: Checker) -> None:
     check("rollout.top_k", non_negative_int, "an integer >= 0 (0 = off)")
     check("rollout.decode_matmul", *one_of(MATMULS))
     dynamic = check("rollout.dynamic_sampling", is_bool, "True or False")
-    if samples == 1 and (dynamic or check.get("gae.estimator") == "grpo"):
-        what = "rollout.dynamic_sampling" if dynamic else "gae.estimator='grpo'"
+    if samples == 1 and (dynamic or check.get("advantage.estimator") == "grpo"):
+        what = "rollout.dynamic_sampling" if dynamic else "advantage.estimator='grpo'"
         check.problem(
             f"rollout.samples_per_prompt=1: {what} needs groups of at least 2 samples per prompt"
         )

@@ -252,11 +252,11 @@ class Experiment:
         # A pretrained policy or another run's SFT policy skips SFT.
         if c.sft.steps > 0 and not c.model.hf_path and not c.sft.init_from:
             stages.append("sft")
-        vp = c.critic.init == "value_pretrain" and c.gae.estimator == "gae"
+        vp = c.critic.init == "value_pretrain" and c.advantage.estimator == "gae"
         needs_rm = c.critic.init == "reward_model" or (
             vp and c.value_pretrain.init == "reward_model"
         )
-        if needs_rm and c.gae.estimator == "gae":
+        if needs_rm and c.advantage.estimator == "gae":
             stages.append("reward_model")
         if vp:
             stages.append("value_pretrain")
@@ -609,7 +609,7 @@ class Experiment:
                 self.model_config, self.states.reference, batch.tokens, batch.positions, temp
             )
         gae_metrics = {}
-        if c.gae.estimator == "grpo":
+        if c.advantage.estimator == "grpo":
             norm = adv_lib.group_normalised_advantages(
                 r_np, np.ones((len(r_np), 1), np.float32), group_size=c.rollout.samples_per_prompt
             )
@@ -795,7 +795,7 @@ class Experiment:
         """Initialisations when a stage starts (from step 0); later checkpoints hold them."""
         c = self.config
         first_critic_stage = "value_pretrain" if "value_pretrain" in self.stages else "ppo"
-        if stage == first_critic_stage and c.gae.estimator == "gae":
+        if stage == first_critic_stage and c.advantage.estimator == "gae":
             # Value pretraining starts from value_pretrain.init; without it, PPO's critic
             # starts from critic.init.
             start = c.value_pretrain.init if stage == "value_pretrain" else c.critic.init
