@@ -120,17 +120,17 @@ def test_microbatch_gradients_add_up_to_full_batch(mode):
         assert not np.allclose(np.asarray(naive), np.asarray(full))
 
 
-@pytest.mark.parametrize("clip_eps", [None, 0.2])
-def test_value_loss_matches_numpy(clip_eps):
+@pytest.mark.parametrize("value_clip", [None, 0.2])
+def test_value_loss_matches_numpy(value_clip):
     rng = np.random.default_rng(3)
     _, _, _, mask = batch(3)
     v = rng.normal(size=mask.shape).astype(np.float32)
     v_old = (v + rng.normal(0, 0.5, size=mask.shape)).astype(np.float32)
     ret = rng.normal(size=mask.shape).astype(np.float32)
-    loss, m = losses.value_loss(*map(jnp.asarray, (v, v_old, ret, mask)), clip_eps=clip_eps)
+    loss, m = losses.value_loss(*map(jnp.asarray, (v, v_old, ret, mask)), value_clip=value_clip)
     err = (v - ret) ** 2
-    if clip_eps is not None:
-        err_c = (v_old + np.clip(v - v_old, -clip_eps, clip_eps) - ret) ** 2
+    if value_clip is not None:
+        err_c = (v_old + np.clip(v - v_old, -value_clip, value_clip) - ret) ** 2
         np.testing.assert_allclose(
             float(m["value_clip_fraction"]), (err_c > err)[mask > 0].mean(), rtol=1e-6
         )

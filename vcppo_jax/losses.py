@@ -139,7 +139,7 @@ def value_loss(
     returns: jax.Array,
     mask: jax.Array,
     *,
-    clip_eps: float | None = None,
+    value_clip: float | None = None,
     agg_mode: AggMode = "token-mean",
     total_tokens: jax.Array | float | None = None,
     total_seqs: jax.Array | float | None = None,
@@ -148,7 +148,7 @@ def value_loss(
 
         L = 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)
 
-    (without ``clip_eps``: ``0.5 * (V - R)^2``). Metrics: ``value_loss``,
+    (without ``value_clip``: ``0.5 * (V - R)^2``). Metrics: ``value_loss``,
     ``value_clip_fraction`` (tokens where the clipped term is the larger), ``value_mean``,
     ``return_mean`` and ``explained_variance`` of the returns by the new values.
     """
@@ -158,8 +158,8 @@ def value_loss(
     ret = returns.astype(jnp.float32)
     err = jnp.square(v - ret)
     metrics = {}
-    if clip_eps is not None:
-        v_clipped = v_old + jnp.clip(v - v_old, -clip_eps, clip_eps)
+    if value_clip is not None:
+        v_clipped = v_old + jnp.clip(v - v_old, -value_clip, value_clip)
         err_clipped = jnp.square(v_clipped - ret)
         metrics["value_clip_fraction"] = _token_mean((err_clipped > err).astype(jnp.float32), mask)
         err = jnp.maximum(err, err_clipped)

@@ -131,22 +131,24 @@ def _choose(logits, rng, params: SamplingParams):
     return token.astype(jnp.int32), logp
 
 
-def init_cache(config: ModelConfig, batch: int, length: int) -> dict:
-    shape = (batch, config.num_kv_heads, length, config.head_size)
-    zeros = lambda: jnp.zeros(shape, config.jnp_dtype)
-    return {f"layers_{i}": {"k": zeros(), "v": zeros()} for i in range(config.num_layers)}
+def init_cache(model_config: ModelConfig, batch: int, length: int) -> dict:
+    shape = (batch, model_config.num_kv_heads, length, model_config.head_size)
+    zeros = lambda: jnp.zeros(shape, model_config.jnp_dtype)
+    return {f"layers_{i}": {"k": zeros(), "v": zeros()} for i in range(model_config.num_layers)}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def prefill(config: ModelConfig, params, prompts, prompt_lengths, sampling: SamplingParams, rng):
+def prefill(
+    model_config: ModelConfig, params, prompts, prompt_lengths, sampling: SamplingParams, rng
+):
     """Runs the prompts through the model once, filling the cache -> DecodeState."""
     b, p = prompts.shape
     n = sampling.max_new_tokens
-    model = Transformer(config, head="lm")
+    model = Transformer(model_config, head="lm")
     buffer = jnp.full((b, p + n), sampling.pad_id, jnp.int32)
     buffer = jax.lax.dynamic_update_slice(buffer, prompts.astype(jnp.int32), (0, 0))
     positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-    cache = init_cache(config, b, p + n)
+    cache = init_cache(model_config, b, p + n)
     hidden, cache = model.apply({"params": params}, prompts, positions, cache)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     next_logits = model.apply({"params": params}, last, method=Transformer.logits)
@@ -165,16 +167,16 @@ def prefill(config: ModelConfig, params, prompts, prompt_lengths, sampling: Samp
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=(2,))
-def decode(config: ModelConfig, params, state: DecodeState, sampling: SamplingParams):
+def decode(model_config: ModelConfig, params, state: DecodeState, sampling: SamplingParams):
     """Samples until every row hit EOS or max_new_tokens. The state (and its cache) is donated."""
-    model = Transformer(config, head="lm")
+    model = Transformer(model_config, head="lm")
     b, s = state.tokens.shape
     n = sampling.max_new_tokens
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
     rows = jnp.arange(b)
     variables = {"params": params}
     if sampling.matmul == "native":
-        variables[PACKED] = pack_for_decode(config, params)
+        variables[PACKED] = pack_for_decode(model_config, params)
 
     def cond(st: DecodeState):
         return (st.step < n) & ~jnp.all(st.done)
@@ -212,12 +214,12 @@ def decode(config: ModelConfig, params, state: DecodeState, sampling: SamplingPa
 NATIVE_MIN_NEW_TOKENS = 32
 
 
-def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int) -> str:
+def resolve_matmul(model_config: ModelConfig, params, matmul: str, max_new_tokens: int) -> str:
     """``"auto"`` -> ``"native"`` or ``"xla"`` (see the module docstring); checks ``"native"``."""
     cpu_f32 = (
         jax.default_backend() == "cpu"
-        and config.dtype == "float32"
-        and config.param_dtype == "float32"
+        and model_config.dtype == "float32"
+        and model_config.param_dtype == "float32"
     )
     if matmul == "auto":
         sharded = native.on_several_devices(params)
@@ -228,7 +230,8 @@ def resolve_matmul(config: ModelConfig, params, matmul: str, max_new_tokens: int
         if not cpu_f32:
             raise ValueError(
                 "matmul='native' runs on the CPU backend with a float32 model; got backend "
-                f"{jax.default_backend()!r}, dtype {config.dtype}, param_dtype {config.param_dtype}"
+                f"{jax.default_backend()!r}, dtype {model_config.dtype}, "
+                f"param_dtype {model_config.param_dtype}"
             )
         if not native.decode_cpu_available():
             raise ValueError("matmul='native': the CPU kernel could not be built (see warning)")
@@ -244,7 +247,7 @@ def bucket_length(n: int, minimum: int = 16, step: int = 32) -> int:
 
 
 def generate(
-    config: ModelConfig,
+    model_config: ModelConfig,
     params,
     prompts,
     prompt_lengths,
@@ -262,18 +265,18 @@ def generate(
         )
     if (lengths < 1).any() or (lengths > prompts.shape[1]).any():
         raise ValueError(f"prompt_lengths must lie in [1, {prompts.shape[1]}]; got {lengths}")
-    if prompts.max(initial=0) >= config.vocab_size or prompts.min(initial=0) < 0:
-        raise ValueError(f"prompt token ids must lie in [0, {config.vocab_size})")
+    if prompts.max(initial=0) >= model_config.vocab_size or prompts.min(initial=0) < 0:
+        raise ValueError(f"prompt token ids must lie in [0, {model_config.vocab_size})")
     p = bucket_length(int(lengths.max())) if bucket else int(lengths.max())
     padded = np.full((prompts.shape[0], p), sampling.pad_id, np.int32)
     width = min(p, prompts.shape[1])
     padded[:, :width] = prompts[:, :width]
-    matmul = resolve_matmul(config, params, sampling.matmul, sampling.max_new_tokens)
+    matmul = resolve_matmul(model_config, params, sampling.matmul, sampling.max_new_tokens)
     sampling = dataclasses.replace(sampling, matmul=matmul)
     state = prefill(
-        config, params, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), sampling, rng
+        model_config, params, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), sampling, rng
     )
-    state = decode(config, params, state, sampling)
+    state = decode(model_config, params, state, sampling)
     mask = state.mask.astype(jnp.float32)
     return SampleOutput(
         tokens=state.tokens,

@@ -4,7 +4,7 @@ Every step takes a ``TrainState`` and a batch of arrays and returns ``(state, me
 state is donated. Sequences are whole buffers ``tokens [B, L]`` (prompt then response from slot
 0, as the sampler writes them); per-response-token quantities are ``[B, N]`` arrays aligned
 with ``positions [B, N]``, the slot of each response token in the buffer. Hyper-parameters
-arrive as arguments; nothing here reads a config.
+arrive as arguments; nothing here reads a model_config.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ def gather_positions(x: jax.Array, positions: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, positions, axis=1)
 
 
-def response_logprobs(config, params, tokens, positions, temperature=1.0, with_entropy=False):
+def response_logprobs(model_config, params, tokens, positions, temperature=1.0, with_entropy=False):
     """log p(response token | everything before it) at ``positions`` -> [B, N] (and entropy)."""
     out = models.token_logprobs(
-        config, params, tokens, temperature=temperature, with_entropy=with_entropy
+        model_config, params, tokens, temperature=temperature, with_entropy=with_entropy
     )
     if with_entropy:
         logp, ent = out
@@ -36,11 +36,11 @@ def response_logprobs(config, params, tokens, positions, temperature=1.0, with_e
     return gather_positions(out, positions)
 
 
-def response_values(config, params, tokens, positions):
+def response_values(model_config, params, tokens, positions):
     """V(s_t) for each response token t: the critic's output on the prefix before it, i.e. at
     slot ``position - 1``. -> [B, N] float32."""
     model_params = {k: p for k, p in params.items() if k != "position_offset"}
-    v = gather_positions(models.values(config, model_params, tokens), positions - 1)
+    v = gather_positions(models.values(model_config, model_params, tokens), positions - 1)
     if "position_offset" in params:  # critic.init_offset_profile="linear": per response token.
         v = v + params["position_offset"][None, : v.shape[1]]
     return v
@@ -52,11 +52,11 @@ def response_values(config, params, tokens, positions):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def sft_step(config: ModelConfig, state: TrainState, tokens, positions, mask):
+def sft_step(model_config: ModelConfig, state: TrainState, tokens, positions, mask):
     """Cross-entropy on the response tokens (token mean over the batch)."""
 
     def loss_fn(params):
-        logp = response_logprobs(config, params, tokens, positions)
+        logp = response_logprobs(model_config, params, tokens, positions)
         return losses.aggregate(-logp, mask, "token-mean")
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -70,14 +70,16 @@ def sft_step(config: ModelConfig, state: TrainState, tokens, positions, mask):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def reward_model_step(config: ModelConfig, state: TrainState, tokens, last_positions, targets):
+def reward_model_step(
+    model_config: ModelConfig, state: TrainState, tokens, last_positions, targets
+):
     """MSE of the score at each response's last token against its +1 / -1 outcome.
 
     last_positions [B]: slot of the last response token; targets [B] float32.
     """
 
     def loss_fn(params):
-        v = models.values(config, params, tokens)
+        v = models.values(model_config, params, tokens)
         score = jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
         loss = 0.5 * jnp.mean(jnp.square(score - targets))
         acc = jnp.mean((jnp.sign(score) == jnp.sign(targets)).astype(jnp.float32))
@@ -97,7 +99,7 @@ def reward_model_step(config: ModelConfig, state: TrainState, tokens, last_posit
     jax.jit, static_argnums=0, static_argnames=("value_clip", "agg_mode"), donate_argnums=1
 )
 def critic_step(
-    config: ModelConfig,
+    model_config: ModelConfig,
     state: TrainState,
     tokens,
     positions,
@@ -109,9 +111,9 @@ def critic_step(
     agg_mode: str = "token-mean",
 ):
     def loss_fn(params):
-        v = response_values(config, params, tokens, positions)
+        v = response_values(model_config, params, tokens, positions)
         return losses.value_loss(
-            v, old_values, returns, mask, clip_eps=value_clip, agg_mode=agg_mode
+            v, old_values, returns, mask, value_clip=value_clip, agg_mode=agg_mode
         )
 
     (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -128,7 +130,7 @@ def critic_step(
     donate_argnums=1,
 )
 def actor_step(
-    config: ModelConfig,
+    model_config: ModelConfig,
     state: TrainState,
     tokens,
     positions,
@@ -150,7 +152,7 @@ def actor_step(
 ):
     def loss_fn(params):
         logp, ent = response_logprobs(
-            config, params, tokens, positions, temperature, with_entropy=True
+            model_config, params, tokens, positions, temperature, with_entropy=True
         )
         loss, m = losses.policy_loss(
             logp,
@@ -176,11 +178,11 @@ def actor_step(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def score_rollout(config: ModelConfig, params, tokens, positions, temperature=1.0):
+def score_rollout(model_config: ModelConfig, params, tokens, positions, temperature=1.0):
     """Trainer-side log-probs of the sampled tokens (no gradient)."""
-    return response_logprobs(config, params, tokens, positions, temperature)
+    return response_logprobs(model_config, params, tokens, positions, temperature)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def critic_values(config: ModelConfig, params, tokens, positions):
-    return response_values(config, params, tokens, positions)
+def critic_values(model_config: ModelConfig, params, tokens, positions):
+    return response_values(model_config, params, tokens, positions)
