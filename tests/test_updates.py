@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vcppo_jax import models, train_state, updates
 from vcppo_jax.models import ModelConfig
@@ -72,18 +73,9 @@ def test_critic_step_fits_returns_and_actor_step_follows_advantages():
     actor = train_state.TrainState.create(params, train_state.make_optimizer(3e-3))
     old_logp = updates.score_rollout(CFG, params, tokens, positions)
     adv = jnp.where(mask > 0, 1.0, 0.0)  # Every sampled token was good: make it likelier.
-    kw = dict(
-        eps_low=0.2,
-        eps_high=0.2,
-        dual_clip=None,
-        agg_mode="token-mean",
-        entropy_coef=0.0,
-        kl_coef=0.0,
-        kl_estimator="k3",
-        positive_nll_coef=0.0,
-    )
+    settings = updates.ActorSettings()
     actor, m = updates.actor_step(
-        CFG, actor, tokens, positions, mask, old_logp, adv, old_logp, jnp.ones(3), **kw
+        CFG, actor, tokens, positions, mask, old_logp, adv, old_logp, jnp.ones(3), settings
     )
     assert float(m["actor/ratio_mean"]) == 1.0 and float(m["actor/clip_fraction"]) == 0.0
     new_logp = updates.score_rollout(CFG, actor.params, tokens, positions)
@@ -111,3 +103,11 @@ def test_position_offset_table_adds_per_response_token():
     after = np.asarray(new.params["position_offset"])
     assert not np.allclose(after[:6], before[:6])
     np.testing.assert_array_equal(after[6:], before[6:])  # Indices past the batch: no gradient.
+
+
+def test_actor_settings_are_checked_when_made():
+    assert updates.ActorSettings(eps_high=0.28, dual_clip=3.0).eps_high == 0.28
+    with pytest.raises(ValueError, match=r"eps_high=0.1: must be >= eps_low=0.2"):
+        updates.ActorSettings(eps_high=0.1)
+    with pytest.raises(ValueError, match=r"agg_mode='sum'.*kl_coef=-1"):
+        updates.ActorSettings(agg_mode="sum", kl_coef=-1.0)

@@ -171,6 +171,17 @@ class Experiment:
             matmul=config.rollout.decode_matmul,
         )
         self.greedy_params = dataclasses.replace(self.sampling_params, temperature=0.0)
+        self.actor_settings = updates.ActorSettings(
+            eps_low=config.ppo.eps_low,
+            eps_high=config.ppo.eps_high,
+            dual_clip=config.ppo.dual_clip,
+            agg_mode=config.ppo.loss_agg_mode,
+            entropy_coef=config.ppo.entropy_coef,
+            kl_coef=config.ppo.kl_coef,
+            kl_estimator=config.ppo.kl_estimator,
+            positive_nll_coef=config.ppo.positive_nll_coef,
+            temperature=config.rollout.temperature or 1.0,
+        )
         self._init_states()
 
     # ------------------------------------------------------------------------------------------
@@ -691,15 +702,7 @@ class Experiment:
                     advantages[idx],
                     ref_logp[idx],
                     is_positive[idx],
-                    eps_low=c.ppo.eps_low,
-                    eps_high=c.ppo.eps_high,
-                    dual_clip=c.ppo.dual_clip,
-                    agg_mode=c.ppo.loss_agg_mode,
-                    entropy_coef=c.ppo.entropy_coef,
-                    kl_coef=c.ppo.kl_coef,
-                    kl_estimator=c.ppo.kl_estimator,
-                    positive_nll_coef=c.ppo.positive_nll_coef,
-                    temperature=temp,
+                    self.actor_settings,
                 )
                 metrics.append({**m, **am})
         jax.block_until_ready(self.states.policy.params)

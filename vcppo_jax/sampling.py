@@ -253,8 +253,6 @@ def generate(
     prompt_lengths,
     sampling: SamplingParams,
     rng: jax.Array,
-    *,
-    bucket: bool = True,
 ) -> SampleOutput:
     """Samples responses for right-padded ``prompts [B, P]`` with ``prompt_lengths [B]``."""
     prompts = np.asarray(prompts)
@@ -267,7 +265,7 @@ def generate(
         raise ValueError(f"prompt_lengths must lie in [1, {prompts.shape[1]}]; got {lengths}")
     if prompts.max(initial=0) >= model_config.vocab_size or prompts.min(initial=0) < 0:
         raise ValueError(f"prompt token ids must lie in [0, {model_config.vocab_size})")
-    p = bucket_length(int(lengths.max())) if bucket else int(lengths.max())
+    p = bucket_length(int(lengths.max()))
     padded = np.full((prompts.shape[0], p), sampling.pad_id, np.int32)
     width = min(p, prompts.shape[1])
     padded[:, :width] = prompts[:, :width]

@@ -9,6 +9,7 @@ arrive as arguments; nothing here reads a model_config.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -110,6 +111,9 @@ def critic_step(
     value_clip: float | None = None,
     agg_mode: str = "token-mean",
 ):
+    """One critic update: regress the values at ``positions`` on ``returns`` (``[B, N]``),
+    clipped around the rollout's ``old_values`` when ``value_clip`` is set."""
+
     def loss_fn(params):
         v = response_values(model_config, params, tokens, positions)
         return losses.value_loss(
@@ -123,12 +127,50 @@ def critic_step(
     return state, out
 
 
-@functools.partial(
-    jax.jit,
-    static_argnums=0,
-    static_argnames=("eps_low", "eps_high", "dual_clip", "agg_mode", "kl_estimator"),
-    donate_argnums=1,
-)
+@dataclasses.dataclass(frozen=True)
+class ActorSettings:
+    """The PPO actor loss's settings (``ppo.*`` in the experiment config), checked when made.
+
+    ``eps_low`` / ``eps_high``: the clip range of the ratio (DAPO clip-higher: 0.2 / 0.28);
+    ``dual_clip``: a lower bound ``c`` on negative-advantage terms (None = off); ``agg_mode``: how
+    token losses are averaged (``losses.AGG_MODES``); the coefficients of the entropy bonus, the
+    KL-to-reference penalty (``kl_estimator`` in ``losses.KL_ESTIMATORS``) and VAPO's NLL on
+    positive samples; ``temperature``: the sampling temperature the log-probs are taken at."""
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    agg_mode: str = "token-mean"
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    positive_nll_coef: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        problems = []
+        if not 0.0 < self.eps_low < 1.0:
+            problems.append(f"eps_low={self.eps_low!r}: expected a number in (0, 1)")
+        if not self.eps_high >= self.eps_low:
+            problems.append(f"eps_high={self.eps_high!r}: must be >= eps_low={self.eps_low!r}")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            problems.append(f"dual_clip={self.dual_clip!r}: expected a number > 1 or None")
+        if self.agg_mode not in losses.AGG_MODES:
+            problems.append(f"agg_mode={self.agg_mode!r}: expected one of {losses.AGG_MODES}")
+        if self.kl_estimator not in losses.KL_ESTIMATORS:
+            problems.append(
+                f"kl_estimator={self.kl_estimator!r}: expected one of {losses.KL_ESTIMATORS}"
+            )
+        for name in ("entropy_coef", "kl_coef", "positive_nll_coef"):
+            if not getattr(self, name) >= 0.0:
+                problems.append(f"{name}={getattr(self, name)!r}: expected a number >= 0")
+        if not self.temperature > 0.0:
+            problems.append(f"temperature={self.temperature!r}: expected a number > 0")
+        if problems:
+            raise ValueError("ActorSettings: " + "; ".join(problems))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9), donate_argnums=1)
 def actor_step(
     model_config: ModelConfig,
     state: TrainState,
@@ -139,35 +181,31 @@ def actor_step(
     advantages,
     ref_logp,
     is_positive,
-    *,
-    eps_low: float,
-    eps_high: float,
-    dual_clip: float | None,
-    agg_mode: str,
-    entropy_coef: float,
-    kl_coef: float,
-    kl_estimator: str,
-    positive_nll_coef: float,
-    temperature: float = 1.0,
+    settings: ActorSettings,
 ):
+    """One PPO actor update: the clipped surrogate on ``advantages`` (``[B, N]``) against the
+    rollout's ``old_logp``, with the entropy, KL-to-``ref_logp`` and positive-sample NLL terms
+    that ``settings`` switches on (``is_positive [B]`` marks correct samples)."""
+    s = settings
+
     def loss_fn(params):
         logp, ent = response_logprobs(
-            model_config, params, tokens, positions, temperature, with_entropy=True
+            model_config, params, tokens, positions, s.temperature, with_entropy=True
         )
         loss, m = losses.policy_loss(
             logp,
             old_logp,
             advantages,
             mask,
-            eps_low=eps_low,
-            eps_high=eps_high,
-            dual_clip=dual_clip,
-            agg_mode=agg_mode,
+            eps_low=s.eps_low,
+            eps_high=s.eps_high,
+            dual_clip=s.dual_clip,
+            agg_mode=s.agg_mode,
         )
-        ent_loss, em = losses.entropy_loss(ent, mask, agg_mode=agg_mode)
-        kl, km = losses.kl_loss(logp, ref_logp, mask, estimator=kl_estimator, agg_mode=agg_mode)
+        ent_loss, em = losses.entropy_loss(ent, mask, agg_mode=s.agg_mode)
+        kl, km = losses.kl_loss(logp, ref_logp, mask, estimator=s.kl_estimator, agg_mode=s.agg_mode)
         nll, nm = losses.positive_nll_loss(logp, mask, is_positive)
-        total = loss - entropy_coef * ent_loss + kl_coef * kl + positive_nll_coef * nll
+        total = loss - s.entropy_coef * ent_loss + s.kl_coef * kl + s.positive_nll_coef * nll
         return total, {**m, **em, **km, **nm, "loss": total}
 
     (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -185,4 +223,5 @@ def score_rollout(model_config: ModelConfig, params, tokens, positions, temperat
 
 @functools.partial(jax.jit, static_argnums=0)
 def critic_values(model_config: ModelConfig, params, tokens, positions):
+    """The critic's values V(s_t) of the states before each response token -> [B, N]."""
     return response_values(model_config, params, tokens, positions)
