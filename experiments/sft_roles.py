@@ -89,7 +89,7 @@ def measure(sft_dir: str, prompts: int) -> dict:
         exp = runner.Experiment(config, wd)
         exp._restore()
         problems = exp.source.eval_problems(prompts)
-        b = exp._sequences([p.prompt for p in problems], [p.full_solution for p in problems])
+        b = exp._encoded_pairs([p.prompt for p in problems], [p.full_solution for p in problems])
         lp = np.asarray(
             updates.score_rollout(exp.model_config, exp.states.policy.params, b.tokens, b.positions)
         )

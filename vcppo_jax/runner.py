@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from vcppo_jax import advantages as adv_lib
 from vcppo_jax import metrics as metrics_lib
-from vcppo_jax import rewards, sampling, sft_export, sharding, train_state, updates
+from vcppo_jax import rewards, rollout, sampling, sft_export, sharding, train_state, updates
 from vcppo_jax.checkpoint import (
     SFT_KEYS,
     Checkpointer,
@@ -46,34 +46,6 @@ from vcppo_jax.tokenizer import check_vocab
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
 
 
-@dataclasses.dataclass
-class Batch:
-    """A set of sequences in sampler layout and their response-aligned views."""
-
-    tokens: jax.Array  # [B, L]
-    positions: jax.Array  # [B, N]
-    mask: jax.Array  # [B, N] float32
-    lengths: np.ndarray  # [B] response lengths
-    sampler_logprobs: jax.Array | None = None  # [B, N], from the sampler, when sampled
-    has_answer: np.ndarray | None = None  # [B] bool: an answer could be extracted
-    direct: np.ndarray | None = None  # [B] bool: the short route (answer with no steps)
-
-
-def _is_direct(text: str) -> bool:
-    """A response that states the answer without writing any step (the short route)."""
-    return text.strip().startswith("Answer:")
-
-
-def _route_metrics(prefix: str, direct: np.ndarray, correct: np.ndarray) -> dict:
-    """Share of short-route answers and the accuracy of each route (NaN-free: -1 if unused)."""
-    acc = lambda sel: float(correct[sel].mean()) if sel.any() else -1.0
-    return {
-        f"{prefix}/direct_fraction": float(direct.mean()),
-        f"{prefix}/accuracy_direct_route": acc(direct),
-        f"{prefix}/accuracy_written_route": acc(~direct),
-    }
-
-
 def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
     """Mean of each metric over the minibatch updates of one step."""
     return {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
@@ -82,13 +54,6 @@ def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
 def _copy(tree):
     """A distinct copy: update steps donate their state, so no two states may share buffers."""
     return jax.tree.map(jnp.copy, tree)
-
-
-def _pad_rows(rows: list[list[int]], width: int, pad: int) -> np.ndarray:
-    out = np.full((len(rows), width), pad, np.int32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r[:width]
-    return out
 
 
 FIRST_TOKENS = 5  # "First tokens" in the mechanism metrics: the length of a direct answer.
@@ -416,63 +381,23 @@ class Experiment:
     # Data.
     # ------------------------------------------------------------------------------------------
 
-    def _sequences(self, prompts: list[str], responses: list[str], add_eos=True) -> Batch:
-        tok = self.tokenizer
-        p_ids = [tok.encode(tok.format_prompt(p), add_bos=True) for p in prompts]
-        r_ids = [tok.encode(r, add_eos=add_eos) for r in responses]
-        # Widths rounded up to data.pad_multiple: fewer distinct shapes, fewer compilations.
-        up = lambda x: -(-x // self.config.data.pad_multiple) * self.config.data.pad_multiple
-        n = up(max(len(r) for r in r_ids))
-        width = up(max(len(p) for p in p_ids) + n)
-        tokens = _pad_rows([p + r for p, r in zip(p_ids, r_ids, strict=True)], width, tok.pad_id)
-        plen = np.array([len(p) for p in p_ids])
-        rlen = np.array([len(r) for r in r_ids])
-        positions = plen[:, None] + np.arange(n)[None, :]
-        mask = (np.arange(n)[None, :] < rlen[:, None]).astype(np.float32)
-        return Batch(self._put(tokens), self._put(positions), self._put(mask), rlen)
+    def _encoded_pairs(
+        self, prompts: list[str], responses: list[str], add_eos=True
+    ) -> rollout.Batch:
+        """Prompt/response pairs as a batch on the mesh (demonstrations, reward-model pairs)."""
+        tokens, positions, mask, rlen = rollout.encode_pairs(
+            self.tokenizer, prompts, responses, self.config.data.pad_multiple, add_eos
+        )
+        return rollout.Batch(self._put(tokens), self._put(positions), self._put(mask), rlen)
 
     def _rollout(
         self, params, problems, key, sampling_params, forced: list[list[int]] | None = None
-    ) -> tuple[Batch, dict, np.ndarray]:
-        """Samples a response per problem, decodes and checks it. ``forced``: response tokens
-        written for the model before it continues (one list per problem); they are part of
-        the checked text but not of the returned batch's response."""
-        tok = self.tokenizer
-        prompts, lengths = tok.encode_prompts([p.prompt for p in problems])
-        if forced is not None:
-            rows = [list(r[:n]) + f for r, n, f in zip(prompts, lengths, forced, strict=True)]
-            lengths = np.array([len(r) for r in rows], np.int32)
-            prompts = _pad_rows(rows, int(lengths.max()), tok.pad_id)
-        t0 = time.time()
-        out = sampling.generate(self.model_config, params, prompts, lengths, sampling_params, key)
-        jax.block_until_ready(out.response_tokens)
-        seconds = time.time() - t0
-        mask = self._host(out.response_mask)
-        response = self._host(out.response_tokens)
-        if forced is None:
-            texts = tok.decode_batch(response, mask)
-        else:  # Decoded as one piece: the text the model wrote, forced tokens included.
-            texts = [
-                tok.decode(f + r[m > 0].tolist())
-                for f, r, m in zip(forced, response, mask, strict=True)
-            ]
-        correct, check_info = self.source.check(texts, problems)
-        batch = Batch(
-            out.tokens,
-            sampling.response_positions(out),
-            out.response_mask,
-            mask.sum(1).astype(int),
-            out.response_logprobs,
-            np.array([rewards.extract_answer(t) is not None for t in texts]),
-            np.array([_is_direct(t) for t in texts]),
-        )
-        gen = float(mask.sum())
-        info = {
-            "perf/sample_seconds": seconds,
-            "perf/sample_tokens_per_s": gen / max(seconds, 1e-9),
-            **check_info,
-        }
-        return batch, info, correct
+    ) -> tuple[rollout.Batch, dict, np.ndarray]:
+        """Samples a response per problem and checks it (``rollout.sample``)."""
+        return rollout.sample(
+            self.model_config, params, problems, key, sampling_params,
+            self.tokenizer, self.source.check, self._host, forced,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
     # Stages.
@@ -485,7 +410,7 @@ class Experiment:
         pairs = sft_examples(
             self.task, c.sft.batch_size, seed, c.data.direct_fraction, c.sft.min_terms
         )
-        b = self._sequences([p for p, _ in pairs], [r for _, r in pairs])
+        b = self._encoded_pairs([p for p, _ in pairs], [r for _, r in pairs])
         self.states.sft, m = updates.sft_step(
             self.model_config, self.states.sft, b.tokens, b.positions, b.mask
         )
@@ -505,7 +430,7 @@ class Experiment:
                 else self.task.wrong_solution(p, rng, full)
             )
             targets.append(c.reward.correct if right else c.reward.incorrect)
-        b = self._sequences([p.prompt for p in problems], responses)
+        b = self._encoded_pairs([p.prompt for p in problems], responses)
         last = self._host(b.positions)[np.arange(len(problems)), b.lengths - 1]
         self.states.reward_model, m = updates.reward_model_step(
             self.model_config,
@@ -516,7 +441,7 @@ class Experiment:
         )
         return m
 
-    def _rewards(self, correct: np.ndarray, batch: Batch) -> np.ndarray:
+    def _rewards(self, correct: np.ndarray, batch: rollout.Batch) -> np.ndarray:
         c = self.config
         return rewards.terminal_rewards(
             correct,
@@ -572,23 +497,13 @@ class Experiment:
                 )
                 metrics.append(m)
         out = _mean_metrics(metrics)
-        out.update(self._rollout_metrics(batch, correct, r))
+        out.update(
+            rollout.rollout_metrics(
+                batch, correct, self._host(r), self.config.rollout.max_new_tokens
+            )
+        )
         out.update(info)
         return out
-
-    def _rollout_metrics(self, batch: Batch, correct: np.ndarray, r) -> dict:
-        lengths = np.asarray(batch.lengths)
-        return {
-            "rollout/accuracy": float(np.mean(correct)),
-            "rollout/response_length_mean": float(lengths.mean()),
-            "rollout/response_length_max": float(lengths.max()),
-            "rollout/reward_mean": float(self._host(r).sum(1).mean()),
-            "rollout/truncated_fraction": float(
-                np.mean(lengths >= self.config.rollout.max_new_tokens)
-            ),
-            "rollout/no_answer_fraction": float(np.mean(~batch.has_answer)),
-            **_route_metrics("rollout", batch.direct, correct),
-        }
 
     def run_ppo_step(self, step: int) -> dict:
         c = self.config
@@ -724,7 +639,11 @@ class Experiment:
             info["mechanism/value_first_token_after"] = float(self._host(new_values[:, 0]).mean())
         out = _mean_metrics(metrics)
         out.update(gae_metrics)
-        out.update(self._rollout_metrics(batch, correct, r))
+        out.update(
+            rollout.rollout_metrics(
+                batch, correct, self._host(r), self.config.rollout.max_new_tokens
+            )
+        )
         out.update(info)
         tokens = float(jnp.sum(mask)) * c.ppo.epochs
         out.update(
@@ -761,7 +680,7 @@ class Experiment:
             "eval/accuracy_sampled": float(s.mean()),
             f"eval/pass_at_{k}": float(s.any(1).mean()),
             "eval/response_length_sampled": float(np.mean(sampled.lengths)),
-            **_route_metrics("eval", sampled.direct, s_correct),
+            **rollout.route_metrics("eval", sampled.direct, s_correct),
         }
         if c.eval.route_accuracy and c.data.task == "addition":
             # Greedy accuracy of each route, the route forced by writing its first tokens.
