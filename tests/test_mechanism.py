@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from vcppo_jax.runner import FIRST_TOKENS, mechanism_metrics
+from vcppo_jax.stages.ppo import FIRST_TOKENS, mechanism_metrics
 
 
 def test_mechanism_metrics_match_a_loop():

@@ -363,6 +363,7 @@ def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
 
     from configs import vcppo
     from vcppo_jax import runner
+    from vcppo_jax.stages import evaluation
 
     c = vcppo.get_config("smoke")
     c.data.labels = True
@@ -370,7 +371,7 @@ def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
     exp = runner.Experiment(c, str(tmp_path))
     assert exp.model_config.rope_theta == 1e5  # model.rope_theta reaches the model.
     problems = exp.source.eval_problems(6)
-    direct, written = exp._route_prefixes(problems)
+    direct, written = evaluation.route_prefixes(exp.tokenizer, problems)
     tok = exp.tokenizer
     for p, d, w in zip(problems, direct, written, strict=True):
         assert tok.encode(p.direct_solution)[: len(d)] == d

@@ -19,7 +19,6 @@ import dataclasses
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -28,9 +27,17 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vcppo_jax import advantages as adv_lib
 from vcppo_jax import metrics as metrics_lib
-from vcppo_jax import rewards, rollout, sampling, sft_export, sharding, train_state, updates
+from vcppo_jax import (
+    rewards,
+    rollout,
+    sampling,
+    sft_export,
+    sharding,
+    stages,
+    train_state,
+    updates,
+)
 from vcppo_jax.checkpoint import (
     SFT_KEYS,
     Checkpointer,
@@ -38,68 +45,22 @@ from vcppo_jax.checkpoint import (
 )
 from vcppo_jax.config_validation import validate_config
 from vcppo_jax.data.sources import EVAL_SEED_OFFSET, MathSource, SyntheticSource
-from vcppo_jax.data.synthetic import AdditionTask, sft_examples
+from vcppo_jax.data.synthetic import AdditionTask
 from vcppo_jax.metrics import MetricsWriter, Progress
 from vcppo_jax.models import ModelConfig, hf
+from vcppo_jax.stages import evaluation
+from vcppo_jax.stages import ppo as ppo_stage
+from vcppo_jax.stages import reward_model as reward_model_stage
+from vcppo_jax.stages import sft as sft_stage
+from vcppo_jax.stages import value_pretrain as value_pretrain_stage
 from vcppo_jax.tokenizer import check_vocab
 
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
 
 
-def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
-    """Mean of each metric over the minibatch updates of one step."""
-    return {k: float(np.mean([float(m[k]) for m in metrics])) for k in metrics[0]}
-
-
 def _copy(tree):
     """A distinct copy: update steps donate their state, so no two states may share buffers."""
     return jax.tree.map(jnp.copy, tree)
-
-
-FIRST_TOKENS = 5  # "First tokens" in the mechanism metrics: the length of a direct answer.
-
-
-def mechanism_metrics(
-    adv: np.ndarray,
-    values: np.ndarray,
-    rewards_: np.ndarray,
-    mask: np.ndarray,
-    lengths: np.ndarray,
-    direct: np.ndarray,
-) -> dict[str, float]:
-    """The collapse condition of one PPO batch (host arrays, ``[B, T]`` response-aligned,
-    advantages before whitening).
-
-    With lambda < 1 a short answer's first token receives about lambda^T (R_short - V) of its
-    terminal signal and a long answer's almost none, so early stopping pays only while the
-    critic's value on unfinished prefixes lies below the mean reward of short answers:
-    ``collapse_margin = reward_short - value_prefix_short`` > 0 pushes the policy towards
-    short answers. Also the first tokens' advantage by route and by length quartile.
-    """
-    out: dict[str, float] = {}
-    seq_reward = rewards_.sum(1)
-    k = min(FIRST_TOKENS, adv.shape[1])
-    first = mask[:, :k]
-    adv_first = (adv[:, :k] * first).sum(1) / np.maximum(first.sum(1), 1)  # [B]
-    val_prefix = (values * mask).sum(1) / np.maximum(mask.sum(1), 1)  # [B] mean over states
-    val_first = (values[:, :k] * first).sum(1) / np.maximum(first.sum(1), 1)
-    out["mechanism/value_first_tokens"] = float(val_first.mean())
-    for route, sel in (("short", direct), ("long", ~direct)):
-        if sel.any():
-            out[f"mechanism/reward_{route}"] = float(seq_reward[sel].mean())
-            out[f"mechanism/value_prefix_{route}"] = float(val_prefix[sel].mean())
-            out[f"mechanism/advantage_first_tokens_{route}"] = float(adv_first[sel].mean())
-    if direct.any():
-        out["mechanism/collapse_margin"] = (
-            out["mechanism/reward_short"] - out["mechanism/value_prefix_short"]
-        )
-    # Quartiles of response length within the batch (q1 = shortest quarter).
-    order = np.argsort(lengths, kind="stable")
-    for q, idx in enumerate(np.array_split(order, 4), start=1):
-        if len(idx):
-            out[f"mechanism/advantage_first_tokens_q{q}"] = float(adv_first[idx].mean())
-            out[f"mechanism/length_q{q}"] = float(np.mean(lengths[idx]))
-    return out
 
 
 class Experiment:
@@ -147,11 +108,59 @@ class Experiment:
             positive_nll_coef=config.ppo.positive_nll_coef,
             temperature=config.rollout.temperature or 1.0,
         )
+        self._stage_settings()
         self._init_states()
 
     # ------------------------------------------------------------------------------------------
     # Set-up.
     # ------------------------------------------------------------------------------------------
+
+    def _stage_settings(self) -> None:
+        """Each stage's settings from the config, and the context the stages share."""
+        c = self.config
+        self.sft_settings = sft_stage.Settings(
+            c.sft.batch_size, c.data.direct_fraction, c.sft.min_terms
+        )
+        self.rm_settings = reward_model_stage.Settings(
+            c.reward_model.batch_size, c.data.direct_fraction, c.reward.correct, c.reward.incorrect
+        )
+        self.vp_settings = value_pretrain_stage.Settings(
+            c.value_pretrain.lambda_, c.gae.gamma, c.ppo.epochs, c.ppo.loss_agg_mode
+        )
+        self.ppo_settings = ppo_stage.Settings(
+            actor=self.actor_settings,
+            estimator=c.advantage.estimator,
+            gamma=c.gae.gamma,
+            lambda_actor=c.gae.lambda_actor,
+            lambda_critic=c.gae.lambda_critic,
+            length_adaptive_alpha=c.gae.length_adaptive_alpha,
+            whiten_advantages=c.gae.whiten_advantages,
+            epochs=c.ppo.epochs,
+            value_clip=c.ppo.value_clip,
+            kl_coef=c.ppo.kl_coef,
+            dynamic_sampling=c.rollout.dynamic_sampling,
+            samples_per_prompt=c.rollout.samples_per_prompt,
+        )
+        self.eval_settings = evaluation.Settings(
+            c.eval.num_prompts,
+            c.eval.num_samples,
+            c.eval.route_accuracy and c.data.task == "addition",
+        )
+        self.ctx = stages.Context(
+            model_config=self.model_config,
+            task=self.task,
+            source=self.source,
+            tokenizer=self.tokenizer,
+            sampling_params=self.sampling_params,
+            greedy_params=self.greedy_params,
+            put=self._put,
+            host=self._host,
+            encode_pairs=self._encoded_pairs,
+            sample=self._rollout,
+            rewards=self._rewards,
+            train_problems=self._problems,
+            minibatches=self._minibatches,
+        )
 
     def _source(self):
         c = self.config
@@ -403,44 +412,6 @@ class Experiment:
     # Stages.
     # ------------------------------------------------------------------------------------------
 
-    def run_sft_step(self, step: int) -> dict:
-        c = self.config
-        _, rng = self._rng("sft", step)
-        seed = int(rng.integers(2**31))
-        pairs = sft_examples(
-            self.task, c.sft.batch_size, seed, c.data.direct_fraction, c.sft.min_terms
-        )
-        b = self._encoded_pairs([p for p, _ in pairs], [r for _, r in pairs])
-        self.states.sft, m = updates.sft_step(
-            self.model_config, self.states.sft, b.tokens, b.positions, b.mask
-        )
-        return m
-
-    def run_reward_model_step(self, step: int) -> dict:
-        c = self.config
-        _, rng = self._rng("reward_model", step)
-        problems = self.task.problems(c.reward_model.batch_size, int(rng.integers(2**31)))
-        responses, targets = [], []
-        for i, p in enumerate(problems):  # Balanced: half right, half wrong; both lengths.
-            full = rng.random() >= c.data.direct_fraction
-            right = i % 2 == 0
-            responses.append(
-                (p.full_solution if full else p.direct_solution)
-                if right
-                else self.task.wrong_solution(p, rng, full)
-            )
-            targets.append(c.reward.correct if right else c.reward.incorrect)
-        b = self._encoded_pairs([p.prompt for p in problems], responses)
-        last = self._host(b.positions)[np.arange(len(problems)), b.lengths - 1]
-        self.states.reward_model, m = updates.reward_model_step(
-            self.model_config,
-            self.states.reward_model,
-            b.tokens,
-            self._put(last),
-            self._put(np.asarray(targets, np.float32)),
-        )
-        return m
-
     def _rewards(self, correct: np.ndarray, batch: rollout.Batch) -> np.ndarray:
         c = self.config
         return rewards.terminal_rewards(
@@ -466,248 +437,38 @@ class Experiment:
         problems = self.source.train_problems(c.rollout.prompts_per_step, rng)
         return [p for p in problems for _ in range(c.rollout.samples_per_prompt)]
 
+    def run_sft_step(self, step: int) -> dict:
+        _, rng = self._rng("sft", step)
+        self.states.sft, m = sft_stage.step(self.ctx, self.states.sft, self.sft_settings, rng)
+        return m
+
+    def run_reward_model_step(self, step: int) -> dict:
+        _, rng = self._rng("reward_model", step)
+        self.states.reward_model, m = reward_model_stage.step(
+            self.ctx, self.states.reward_model, self.rm_settings, rng
+        )
+        return m
+
     def run_value_pretrain_step(self, step: int) -> dict:
-        c = self.config
         key, rng = self._rng("value_pretrain", step)
-        problems = self._problems(rng)
-        batch, info, correct = self._rollout(
-            self.states.policy.params, problems, key, self.sampling_params
+        self.states.critic, m = value_pretrain_stage.step(
+            self.ctx, self.states.critic, self.states.policy.params, self.vp_settings, key, rng
         )
-        r = self._put(self._rewards(correct, batch))
-        values = updates.critic_values(
-            self.model_config, self.states.critic.params, batch.tokens, batch.positions
-        )
-        lam = c.value_pretrain.lambda_
-        _, returns = adv_lib.decoupled_gae(
-            r, values, batch.mask, gamma=c.gae.gamma, lambda_actor=lam, lambda_critic=lam
-        )
-        metrics = []
-        for _ in range(c.ppo.epochs):
-            for idx in self._minibatches(len(problems), rng):
-                self.states.critic, m = updates.critic_step(
-                    self.model_config,
-                    self.states.critic,
-                    batch.tokens[idx],
-                    batch.positions[idx],
-                    batch.mask[idx],
-                    returns[idx],
-                    values[idx],
-                    value_clip=None,
-                    agg_mode=c.ppo.loss_agg_mode,
-                )
-                metrics.append(m)
-        out = _mean_metrics(metrics)
-        out.update(
-            rollout.rollout_metrics(
-                batch, correct, self._host(r), self.config.rollout.max_new_tokens
-            )
-        )
-        out.update(info)
-        return out
+        return m
 
     def run_ppo_step(self, step: int) -> dict:
-        c = self.config
         key, rng = self._rng("ppo", step)
-        problems = self._problems(rng)
-        t0 = time.time()
-        batch, info, correct = self._rollout(
-            self.states.policy.params, problems, key, self.sampling_params
+        self.states, m, adv = ppo_stage.step(
+            self.ctx, self.states, self.ppo_settings, key, rng, first_step=step == 0
         )
-        r_np = self._rewards(correct, batch)
-        r = self._put(r_np)
-        mask = batch.mask
-        if c.rollout.dynamic_sampling:  # Drop groups with no signal (all right / all wrong).
-            g = correct.reshape(-1, c.rollout.samples_per_prompt)
-            keep = np.repeat(~(g.all(1) | (~g).all(1)), c.rollout.samples_per_prompt)
-            mask = mask * self._put(keep.astype(np.float32)[:, None])
-            info["rollout/kept_fraction"] = float(keep.mean())
-        temp = c.rollout.temperature or 1.0
-        old_logp = updates.score_rollout(
-            self.model_config, self.states.policy.params, batch.tokens, batch.positions, temp
-        )
-        # The sampler's log-probs should equal the trainer's (PPO's ratio starts at 1).
-        info["rollout/sampler_logprob_max_diff"] = float(
-            jnp.max(jnp.abs(old_logp - batch.sampler_logprobs) * mask)
-        )
-        ref_logp = old_logp
-        if c.ppo.kl_coef > 0:
-            ref_logp = updates.score_rollout(
-                self.model_config, self.states.reference, batch.tokens, batch.positions, temp
-            )
-        gae_metrics = {}
-        if c.advantage.estimator == "grpo":
-            norm = adv_lib.group_normalised_advantages(
-                r_np, np.ones((len(r_np), 1), np.float32), group_size=c.rollout.samples_per_prompt
-            )
-            advantages = self._put(norm) * mask
-            values = returns = None
-        else:
-            values = updates.critic_values(
-                self.model_config, self.states.critic.params, batch.tokens, batch.positions
-            )
-            lam_actor = c.gae.lambda_actor
-            if c.gae.length_adaptive_alpha is not None:
-                lam_actor = adv_lib.length_adaptive_lambda(
-                    self._put(batch.lengths), c.gae.length_adaptive_alpha
-                )
-            advantages, returns = adv_lib.decoupled_gae(
-                r,
-                values,
-                mask,
-                gamma=c.gae.gamma,
-                lambda_actor=lam_actor,
-                lambda_critic=c.gae.lambda_critic,
-            )
-            adv_h, values_h = self._host(advantages), self._host(values)  # [B, T] on the host
-            adv0, v0 = adv_h[:, 0], values_h[:, 0]
-            gae_metrics = {
-                "gae/advantage_mean": float(adv_lib.masked_mean(advantages, mask)),
-                "gae/advantage_first_token": float(adv0.mean()),
-                "gae/value_first_token": float(v0.mean()),
-                "gae/value_mean": float(adv_lib.masked_mean(values, mask)),
-                "gae/return_mean": float(adv_lib.masked_mean(returns, mask)),
-            }
-            # The paper's mechanism by route: which route's first token does the critic favour?
-            for route, sel in (("direct", batch.direct), ("written", ~batch.direct)):
-                if sel.any():
-                    gae_metrics[f"gae/advantage_first_token_{route}"] = float(adv0[sel].mean())
-                    gae_metrics[f"gae/value_first_token_{route}"] = float(v0[sel].mean())
-            gae_metrics.update(
-                mechanism_metrics(
-                    adv_h, values_h, r_np, self._host(mask), batch.lengths, batch.direct
-                )
-            )
-            if step == 0:
-                _, mc = adv_lib.decoupled_gae(  # Monte Carlo returns: what values should be.
-                    r,
-                    jnp.zeros_like(values),
-                    mask,
-                    gamma=c.gae.gamma,
-                    lambda_actor=1.0,
-                    lambda_critic=1.0,
-                )
-                self._write_position_profile(values, advantages, mc, mask)
-        if c.gae.whiten_advantages:
-            advantages = adv_lib.masked_whiten(advantages, mask)
-        is_positive = self._put(correct.astype(np.float32))
-        t1 = time.time()
-        metrics = []
-        for _ in range(c.ppo.epochs):
-            for idx in self._minibatches(len(problems), rng):
-                m = {}
-                if values is not None:
-                    self.states.critic, m = updates.critic_step(
-                        self.model_config,
-                        self.states.critic,
-                        batch.tokens[idx],
-                        batch.positions[idx],
-                        mask[idx],
-                        returns[idx],
-                        values[idx],
-                        value_clip=c.ppo.value_clip,
-                        agg_mode=c.ppo.loss_agg_mode,
-                    )
-                self.states.policy, am = updates.actor_step(
-                    self.model_config,
-                    self.states.policy,
-                    batch.tokens[idx],
-                    batch.positions[idx],
-                    mask[idx],
-                    old_logp[idx],
-                    advantages[idx],
-                    ref_logp[idx],
-                    is_positive[idx],
-                    self.actor_settings,
-                )
-                metrics.append({**m, **am})
-        jax.block_until_ready(self.states.policy.params)
-        train_s = time.time() - t1
-        # How far this step's updates moved each model's outputs on the step's own batch.
-        new_logp = updates.score_rollout(
-            self.model_config, self.states.policy.params, batch.tokens, batch.positions, temp
-        )
-        info["mechanism/actor_speed"] = float(
-            adv_lib.masked_mean(jnp.abs(new_logp - old_logp), mask)
-        )
-        if values is not None:
-            new_values = updates.critic_values(
-                self.model_config, self.states.critic.params, batch.tokens, batch.positions
-            )
-            info["mechanism/critic_speed"] = float(
-                adv_lib.masked_mean(jnp.abs(new_values - values), mask)
-            )
-            info["mechanism/value_first_token_after"] = float(self._host(new_values[:, 0]).mean())
-        out = _mean_metrics(metrics)
-        out.update(gae_metrics)
-        out.update(
-            rollout.rollout_metrics(
-                batch, correct, self._host(r), self.config.rollout.max_new_tokens
-            )
-        )
-        out.update(info)
-        tokens = float(jnp.sum(mask)) * c.ppo.epochs
-        out.update(
-            {
-                "perf/train_seconds": train_s,
-                "perf/train_tokens_per_s": tokens / train_s,
-                "perf/step_seconds": time.time() - t0,
-            }
-        )
-        return out
-
-    def _write_position_profile(self, values, advantages, returns, mask) -> None:
-        """The value / advantage / return by response position at the start of PPO."""
-        arrays = [self._host(x) for x in (values, advantages, returns, mask)]
-        if jax.process_index() == 0:
-            metrics_lib.write_profile(self.workdir, metrics_lib.position_profile(*arrays))
+        if adv.profile is not None and jax.process_index() == 0:
+            # Value / advantage / return by response position at the start of PPO.
+            metrics_lib.write_profile(self.workdir, metrics_lib.position_profile(*adv.profile))
+        return m
 
     def evaluate(self, step: int) -> dict:
-        c = self.config
-        problems = self.source.eval_problems(c.eval.num_prompts)
         key = jax.random.fold_in(self.key, EVAL_SEED_OFFSET + step)
-        greedy, _, g_correct = self._rollout(
-            self.states.policy.params, problems, key, self.greedy_params
-        )
-        k = c.eval.num_samples
-        many = [p for p in problems for _ in range(k)]
-        sampled, _, s_correct = self._rollout(
-            self.states.policy.params, many, key, self.sampling_params
-        )
-        s = s_correct.reshape(-1, k)
-        out = {
-            "eval/accuracy": float(g_correct.mean()),
-            "eval/response_length": float(np.mean(greedy.lengths)),
-            "eval/accuracy_sampled": float(s.mean()),
-            f"eval/pass_at_{k}": float(s.any(1).mean()),
-            "eval/response_length_sampled": float(np.mean(sampled.lengths)),
-            **rollout.route_metrics("eval", sampled.direct, s_correct),
-        }
-        if c.eval.route_accuracy and c.data.task == "addition":
-            # Greedy accuracy of each route, the route forced by writing its first tokens.
-            for route, forced in zip(
-                ("direct", "written"), self._route_prefixes(problems), strict=True
-            ):
-                _, _, ok = self._rollout(
-                    self.states.policy.params, problems, key, self.greedy_params, forced
-                )
-                out[f"eval/accuracy_greedy_{route}_route"] = float(ok.mean())
-        return out
-
-    def _route_prefixes(self, problems) -> tuple[list[list[int]], list[list[int]]]:
-        """Per problem, the response tokens that commit to the direct and to the written route:
-        the shortest start of each solution's tokens whose text the other route cannot begin
-        with (" Answer:" and " b" on the labelled task)."""
-
-        def commit(solution: str, other: str) -> list[int]:
-            ids = self.tokenizer.encode(solution)
-            for k in range(1, len(ids) + 1):
-                if not other.strip().startswith(self.tokenizer.decode(ids[:k]).strip()):
-                    return ids[:k]
-            return ids
-
-        direct = [commit(p.direct_solution, p.full_solution) for p in problems]
-        written = [commit(p.full_solution, p.direct_solution) for p in problems]
-        return direct, written
+        return evaluation.evaluate(self.ctx, self.states.policy.params, self.eval_settings, key)
 
     # ------------------------------------------------------------------------------------------
     # The loop.
