@@ -192,13 +192,6 @@ def explained_variance(pred: jax.Array, target: jax.Array, mask: jax.Array) -> j
     return jnp.where(has_var, 1.0 - var(target - pred) / jnp.where(has_var, var_t, 1.0), 0.0)
 
 
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
-    """Per-position entropy ``-sum_v p_v log p_v`` of ``softmax(logits)``: ``[..., V] -> [...]``."""
-    logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-
-
 def entropy_loss(
     entropy: jax.Array,
     mask: jax.Array,

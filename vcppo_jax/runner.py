@@ -79,7 +79,7 @@ class Experiment:
             config.data.carry_every,
         )
         self._sft_init = self._check_sft_init()
-        self.source = self._source()
+        self.source = self._make_source()
         self.tokenizer = self.source.tokenizer
         self.model_config = self._model_config()
         self.metrics = MetricsWriter(workdir, process_index=jax.process_index())
@@ -153,16 +153,16 @@ class Experiment:
             tokenizer=self.tokenizer,
             sampling_params=self.sampling_params,
             greedy_params=self.greedy_params,
-            put=self._put,
-            host=self._host,
+            put=self._to_mesh,
+            host=self._to_host,
             encode_pairs=self._encoded_pairs,
             sample=self._rollout,
             rewards=self._rewards,
-            train_problems=self._problems,
+            train_problems=self._train_problems,
             minibatches=self._minibatches,
         )
 
-    def _source(self):
+    def _make_source(self):
         c = self.config
         if c.data.task == "addition":
             return SyntheticSource(self.task, self.workdir, c.seed, c.data.tokenizer_vocab_size)
@@ -196,7 +196,7 @@ class Experiment:
     def _export_sft_policy(self) -> None:
         """WORKDIR/sft_policy: the fine-tuned policy in HF format, its tokenizer and the
         settings it was trained under (what sft.init_from checks)."""
-        params = jax.tree.map(self._host, self.states.sft.params)
+        params = jax.tree.map(self._to_host, self.states.sft.params)
         if jax.process_index() != 0:
             return
         tokenizer = ""
@@ -315,9 +315,9 @@ class Experiment:
         are created on one device otherwise, which a multi-process checkpoint cannot save)."""
         state = train_state.TrainState.create(params, tx)
         local = lambda a: not isinstance(a.sharding, jax.sharding.NamedSharding)
-        return jax.tree.map(lambda a: self._put(self._host(a)) if local(a) else a, state)
+        return jax.tree.map(lambda a: self._to_mesh(self._to_host(a)) if local(a) else a, state)
 
-    def _put(self, x) -> jax.Array:
+    def _to_mesh(self, x) -> jax.Array:
         """A host array (the same on every process) -> a global array, the batch dimension
         split over the mesh's batch axes when it divides, else replicated."""
         x = np.asarray(x)
@@ -327,7 +327,7 @@ class Experiment:
         return jax.make_array_from_callback(x.shape, shard, lambda idx: x[idx])
 
     @staticmethod
-    def _host(x) -> np.ndarray:
+    def _to_host(x) -> np.ndarray:
         """A (possibly multi-process) global array -> the whole value on this host."""
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -397,7 +397,9 @@ class Experiment:
         tokens, positions, mask, rlen = rollout.encode_pairs(
             self.tokenizer, prompts, responses, self.config.data.pad_multiple, add_eos
         )
-        return rollout.Batch(self._put(tokens), self._put(positions), self._put(mask), rlen)
+        return rollout.Batch(
+            self._to_mesh(tokens), self._to_mesh(positions), self._to_mesh(mask), rlen
+        )
 
     def _rollout(
         self, params, problems, key, sampling_params, forced: list[list[int]] | None = None
@@ -405,7 +407,7 @@ class Experiment:
         """Samples a response per problem and checks it (``rollout.sample``)."""
         return rollout.sample(
             self.model_config, params, problems, key, sampling_params,
-            self.tokenizer, self.source.check, self._host, forced,
+            self.tokenizer, self.source.check, self._to_host, forced,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
@@ -416,7 +418,7 @@ class Experiment:
         c = self.config
         return rewards.terminal_rewards(
             correct,
-            self._host(batch.mask),
+            self._to_host(batch.mask),
             correct_reward=c.reward.correct,
             incorrect_reward=c.reward.incorrect,
             max_length=c.rollout.max_new_tokens,
@@ -432,7 +434,7 @@ class Experiment:
         for i in range(self.config.ppo.minibatches):
             yield jnp.asarray(perm[i * size : (i + 1) * size])
 
-    def _problems(self, rng: np.random.Generator):
+    def _train_problems(self, rng: np.random.Generator):
         c = self.config
         problems = self.source.train_problems(c.rollout.prompts_per_step, rng)
         return [p for p in problems for _ in range(c.rollout.samples_per_prompt)]
