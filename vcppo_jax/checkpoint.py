@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointMismatchError(ValueError):
+    """A checkpoint written under a config whose fingerprint differs from the current one."""
+
     pass
 
 
@@ -76,6 +78,9 @@ ADDED_FIELDS: dict[str, Any] = {
 
 
 def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per fingerprint field whose saved and current values differ (empty: they agree).
+    A field of ``ADDED_FIELDS`` that an older checkpoint lacks counts as saved at its listed
+    value."""
     keys = sorted(set(saved) | set(current))
     saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **saved}
     return [
@@ -86,6 +91,9 @@ def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 
 class Checkpointer:
+    """Orbax checkpoints in ``directory``: items ``state`` and ``meta`` per step, the latest
+    ``max_to_keep`` kept, saved asynchronously unless ``async_save`` is False."""
+
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
@@ -96,9 +104,12 @@ class Checkpointer:
         )
 
     def latest_step(self) -> int | None:
+        """The step of the latest finished checkpoint, or None if there is none."""
         return self.manager.latest_step()
 
     def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> None:
+        """Starts saving ``state`` and JSON ``meta`` as checkpoint ``step``; unserialisable ``meta``
+        raises here. ``force`` saves even where the manager's save policy would skip the step."""
         json.dumps(meta)  # Fail here, not in a background thread, on unserialisable meta.
         self.manager.save(
             step,
@@ -129,8 +140,10 @@ class Checkpointer:
         return restored["state"], meta
 
     def wait(self) -> None:
+        """Blocks until every save in progress has finished."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for saves in progress to finish, then closes the manager."""
         self.manager.wait_until_finished()
         self.manager.close()

@@ -52,6 +52,9 @@ def _is_number(x) -> bool:
 
 
 def number_in(lo: float, hi: float, *, lo_open=False, hi_open=False) -> Callable[[Any], bool]:
+    """A check that accepts a finite number (not a bool) in ``[lo, hi]``, either end open on
+    request."""
+
     def ok(x):
         if not _is_number(x):
             return False
@@ -63,19 +66,23 @@ def number_in(lo: float, hi: float, *, lo_open=False, hi_open=False) -> Callable
 
 
 def one_of(options: Iterable[str]) -> tuple[Callable[[Any], bool], str]:
+    """``(check, description)`` for a value among ``options``; unpacks into a ``Checker`` call."""
     options = tuple(options)
     return (lambda x: x in options), f"one of {options}"
 
 
 def positive_int(x) -> bool:
+    """True for an int (not a bool) >= 1."""
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 def non_negative_int(x) -> bool:
+    """True for an int (not a bool) >= 0."""
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def is_bool(x) -> bool:
+    """True for True or False only."""
     return isinstance(x, bool)
 
 
@@ -92,9 +99,11 @@ class Checker:
         self.problems: list[str] = []
 
     def get(self, path: str) -> Any:
+        """The value at the dotted ``path``, or ``_MISSING`` if any part of the path is absent."""
         return _get(self.config, path)
 
     def problem(self, text: str) -> None:
+        """Records one problem: a line of the eventual ``ConfigError``."""
         self.problems.append(text)
 
     def __call__(self, path: str, ok: Callable[[Any], bool], allowed: str, optional=False):
@@ -117,6 +126,7 @@ class Checker:
 
 
 def validate_gae(check: Checker) -> None:
+    """GAE gamma and lambdas, the length-adaptive alpha, the advantage estimator and whitening."""
     check("gae.gamma", unit, "a number in [0, 1]")
     check("gae.lambda_actor", unit, "a number in [0, 1]")
     check("gae.lambda_critic", unit, "a number in [0, 1]")
@@ -131,6 +141,8 @@ def validate_gae(check: Checker) -> None:
 
 
 def validate_ppo(check: Checker) -> None:
+    """The PPO clip range (``eps_high`` >= ``eps_low``), dual clip, loss aggregation, value clip,
+    loss coefficients, KL estimator, epochs, minibatches and steps."""
     eps_low = check("ppo.eps_low", number_in(0.0, 1.0, lo_open=True, hi_open=True), "in (0, 1)")
     eps_high = check("ppo.eps_high", positive, "a positive number")
     if eps_low is not None and eps_high is not None and eps_high < eps_low:
@@ -151,6 +163,8 @@ def validate_ppo(check: Checker) -> None:
 
 
 def validate_rollout(check: Checker) -> None:
+    """The rollout batch (which ``ppo.minibatches`` must divide) and sampling settings; dynamic
+    sampling and GRPO need at least 2 samples per prompt."""
     prompts = check("rollout.prompts_per_step", positive_int, "an integer >= 1")
     samples = check("rollout.samples_per_prompt", positive_int, "an integer >= 1")
     minibatches = check.get("ppo.minibatches")
@@ -176,6 +190,7 @@ def validate_rollout(check: Checker) -> None:
 
 
 def validate_reward(check: Checker) -> None:
+    """Correct / incorrect rewards, the overlong and format penalties, and the verifier pool."""
     check("reward.correct", _is_number, "a finite number")
     check("reward.incorrect", _is_number, "a finite number")
     check("reward.overlong_buffer", non_negative_int, "an integer >= 0 (0 = off)")
@@ -186,6 +201,7 @@ def validate_reward(check: Checker) -> None:
 
 
 def validate_optimisers(check: Checker) -> None:
+    """Learning rate, warm-up, gradient clip and weight decay of the actor and the critic."""
     for who in ("actor", "critic"):
         check(f"{who}.learning_rate", positive, "a positive number")
         check(f"{who}.warmup_steps", non_negative_int, "an integer >= 0")
@@ -262,6 +278,8 @@ def validate_supervised(check: Checker) -> None:
 
 
 def validate_model(check: Checker) -> None:
+    """Model sizes (``num_kv_heads`` dividing ``num_heads``, ``num_heads`` dividing
+    ``hidden_size``), rope theta, dtypes and rematerialisation."""
     for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         check(f"model.{field}", positive_int, "an integer >= 1")
     heads, kv = check.get("model.num_heads"), check.get("model.num_kv_heads")
@@ -288,6 +306,7 @@ def validate_loop(check: Checker) -> None:
 
 
 def validate_mesh(check: Checker) -> None:
+    """Mesh axis sizes (at most one -1) and the logical-axis rules (each naming known mesh axes)."""
     mesh_sizes = []
     for axis in ("data", "fsdp", "tensor"):
         size = check(

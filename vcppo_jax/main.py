@@ -24,6 +24,8 @@ _VALIDATE_ONLY = flags.DEFINE_bool(
 
 
 def main(argv: list[str]) -> None:
+    """Validates the config (exit status 2 if invalid), prints it, and unless ``--validate_only``
+    runs the experiment in ``--workdir``."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.

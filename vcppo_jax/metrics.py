@@ -24,6 +24,9 @@ def _scalar(v: Any):
 
 
 class MetricsWriter:
+    """Appends metric rows to ``workdir/metrics.jsonl`` and, optionally, TensorBoard; only
+    process 0 writes."""
+
     def __init__(self, workdir: str, *, tensorboard: bool = True, process_index: int = 0):
         self.enabled = process_index == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -37,6 +40,9 @@ class MetricsWriter:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, stage: str, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Logs ``metrics`` at ``step`` of ``stage`` as one row (values as JSON scalars, non-finite
+        ones as strings) and returns the row; float values also go to TensorBoard as
+        ``stage/key``."""
         row = {"step": int(step), "stage": stage, "time": time.time()}
         row.update({k: _scalar(v) for k, v in metrics.items()})
         if self.enabled:
@@ -77,6 +83,7 @@ class MetricsWriter:
         self.rewrite(kept)
 
     def close(self):
+        """Closes the metrics file and the TensorBoard writer."""
         if self.enabled:
             self._file.close()
             if self._tb is not None:
@@ -84,6 +91,7 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
+    """Every row of a ``metrics.jsonl`` file (or of a workdir's), in order."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
     rows = []
@@ -103,6 +111,8 @@ class Progress:
         self.t0, self.start = time.time(), start
 
     def update(self, step: int, metrics: dict[str, Any], keys: tuple[str, ...]) -> None:
+        """Prints the line for ``step`` (0-based) every ``every`` steps and at the last one, showing
+        those of ``keys`` present in ``metrics``."""
         done = step + 1
         if done % self.every and done != self.total:
             return

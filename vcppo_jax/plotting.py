@@ -84,6 +84,7 @@ def profile_keys(profiles) -> list[str]:
 
 
 def profile_series(prof: dict, key: str) -> tuple[list, list]:
+    """(positions, values) of one position-profile key, skipping positions with no value."""
     pts = [(i, v) for i, v in enumerate(prof[key]) if v is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -92,6 +93,8 @@ VP_KEYS = ("critic/value_loss", "critic/explained_variance")
 
 
 def vp_title(key: str) -> str:
+    """Panel title of a value-pretraining metric: ``critic/value_loss`` gives
+    ``value pretraining: value loss``."""
     return f"value pretraining: {key.split('/')[1].replace('_', ' ')}"
 
 
@@ -187,6 +190,8 @@ def plot_runs(runs: dict[str, str], out_dir: str) -> list[str]:
 
 
 def main() -> None:
+    """Command line: draws the figures of ``--runs label=workdir ...`` (a bare workdir is labelled
+    by its name) into ``--out`` and prints their paths."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="label=workdir ...")
     parser.add_argument("--out", required=True)

@@ -34,6 +34,8 @@ def _last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
+    """The answer in ``text``: the last ``\\boxed{...}``, else the rest of the line after the
+    last ``Answer:`` (None if that is empty), else the last number; None if there is none."""
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed
@@ -48,6 +50,7 @@ def extract_answer(text: str) -> str | None:
 
 
 def normalise(ans: str) -> str:
+    """``ans`` without spaces and commas, a number written canonically (``"3.0"`` -> ``"3"``)."""
     ans = ans.strip().replace(" ", "").replace(",", "")
     try:
         value = float(ans)
@@ -57,6 +60,7 @@ def normalise(ans: str) -> str:
 
 
 def exact_match(text: str, gold: str) -> bool:
+    """True when the answer extracted from ``text`` equals ``gold`` after ``normalise``."""
     pred = extract_answer(text)
     return pred is not None and normalise(pred) == normalise(gold)
 
@@ -88,6 +92,8 @@ STARTUP_TIMEOUT_S = 300.0
 
 @dataclasses.dataclass
 class VerifyResult:
+    """Correctness ``[B]`` of each response, and how many checks timed out or raised."""
+
     correct: np.ndarray  # [B] bool
     timeouts: int
     errors: int
@@ -155,6 +161,7 @@ class MathVerifier:
         return VerifyResult(correct, timeouts, errors)
 
     def close(self):
+        """Shuts the worker pool down, waiting for it; a later call starts a new one."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

@@ -64,6 +64,9 @@ def _copy(tree):
 
 
 class Experiment:
+    """One experiment in one workdir: the config wired into a task, models, stages and a
+    checkpointer; ``run()`` runs (or resumes) the stages to the end."""
+
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.workdir = workdir
@@ -440,11 +443,13 @@ class Experiment:
         return [p for p in problems for _ in range(c.rollout.samples_per_prompt)]
 
     def run_sft_step(self, step: int) -> dict:
+        """SFT step ``step`` (stages/sft.py); returns its metrics."""
         _, rng = self._rng("sft", step)
         self.states.sft, m = sft_stage.step(self.ctx, self.states.sft, self.sft_settings, rng)
         return m
 
     def run_reward_model_step(self, step: int) -> dict:
+        """Reward-model step ``step`` (stages/reward_model.py); returns its metrics."""
         _, rng = self._rng("reward_model", step)
         self.states.reward_model, m = reward_model_stage.step(
             self.ctx, self.states.reward_model, self.rm_settings, rng
@@ -452,6 +457,7 @@ class Experiment:
         return m
 
     def run_value_pretrain_step(self, step: int) -> dict:
+        """Value-pretraining step ``step`` (stages/value_pretrain.py); returns its metrics."""
         key, rng = self._rng("value_pretrain", step)
         self.states.critic, m = value_pretrain_stage.step(
             self.ctx, self.states.critic, self.states.policy.params, self.vp_settings, key, rng
@@ -459,6 +465,7 @@ class Experiment:
         return m
 
     def run_ppo_step(self, step: int) -> dict:
+        """PPO step ``step`` (stages/ppo.py); writes the position profile at step 0."""
         key, rng = self._rng("ppo", step)
         self.states, m, adv = ppo_stage.step(
             self.ctx, self.states, self.ppo_settings, key, rng, first_step=step == 0
@@ -469,6 +476,7 @@ class Experiment:
         return m
 
     def evaluate(self, step: int) -> dict:
+        """Held-out evaluation of the current policy before PPO step ``step``."""
         key = jax.random.fold_in(self.key, EVAL_SEED_OFFSET + step)
         return evaluation.evaluate(self.ctx, self.states.policy.params, self.eval_settings, key)
 
@@ -516,6 +524,7 @@ class Experiment:
             self._export_sft_policy()
 
     def total_steps(self, stage: str) -> int:
+        """How many steps ``stage`` runs, from the config."""
         c = self.config
         return {
             "sft": c.sft.steps,
@@ -534,6 +543,8 @@ class Experiment:
         }
 
     def run(self) -> None:
+        """Runs the stages from where the workdir's checkpoint left off, checkpointing as it
+        goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps."""
         c = self.config
         stage_index, stage_step = self._restore()
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -614,6 +625,7 @@ class Experiment:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Validates ``config`` and runs its experiment in ``workdir`` (resuming if it holds one)."""
     validate_config(config)
     if config.distributed:
         # Explicit settings from the environment when given (e.g. two processes on one machine);

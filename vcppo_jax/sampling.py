@@ -68,6 +68,9 @@ class SamplingParams:
 
 @flax.struct.dataclass
 class DecodeState:
+    """The decode loop's carry: token buffer, KV cache, next-token logits, per-row slot and
+    stop flag, and the response so far."""
+
     tokens: jax.Array  # [B, S] int32: prompt then response, per row from slot 0.
     cache: dict  # Per layer {"k", "v"}: [B, Hkv, S, D].
     next_logits: jax.Array  # [B, V] float32: logits for the token at `cur`.
@@ -82,6 +85,9 @@ class DecodeState:
 
 @flax.struct.dataclass
 class SampleOutput:
+    """Sampled responses: the whole token buffer, and response-aligned tokens, mask, log-probs
+    and lengths."""
+
     tokens: jax.Array  # [B, P + N]: prompt then response, per row from slot 0.
     prompt_lengths: jax.Array  # [B]
     response_tokens: jax.Array  # [B, N], response-aligned; pad after the end.
@@ -132,6 +138,8 @@ def _choose(logits, rng, params: SamplingParams):
 
 
 def init_cache(model_config: ModelConfig, batch: int, length: int) -> dict:
+    """A zero KV cache ``{"layers_i": {"k", "v"}}``, each ``[batch, Hkv, length, D]`` in the
+    compute dtype."""
     shape = (batch, model_config.num_kv_heads, length, model_config.head_size)
     zeros = lambda: jnp.zeros(shape, model_config.jnp_dtype)
     return {f"layers_{i}": {"k": zeros(), "v": zeros()} for i in range(model_config.num_layers)}

@@ -37,6 +37,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 class ShardingError(ValueError):
+    """A mesh that does not fit the devices, or a parameter that a mesh axis does not divide."""
+
     pass
 
 
@@ -74,6 +76,8 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules=DEFAULT_RULES) -> PartitionSpec:
+    """The PartitionSpec mapping each logical axis name through ``rules`` (an unlisted or None
+    name is replicated); ``names=None`` gives a fully replicated spec."""
     if names is None:
         return PartitionSpec()
     table = dict(rules)
@@ -100,6 +104,9 @@ def param_shardings(logical_specs, mesh: Mesh, rules=DEFAULT_RULES, shapes=None)
 
 
 def check_divisible(shapes, shardings) -> None:
+    """Raises ``ShardingError`` naming the first parameter with a dimension not divisible by the
+    size of the mesh axes it is sharded over."""
+
     def check(path, leaf, sharding):
         mesh_sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape, strict=True))
         for dim, axes in zip(leaf.shape, sharding.spec, strict=False):

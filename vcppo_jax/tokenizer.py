@@ -20,6 +20,9 @@ import numpy as np
 
 
 class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded or used as asked: a bad file, template or special token,
+    a prompt over ``max_length``, or a model vocabulary smaller than the tokenizer's."""
+
     pass
 
 
@@ -46,6 +49,7 @@ class Tokenizer:
         raise NotImplementedError
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (no template), with BOS / EOS added when asked and defined."""
         ids = self._encode(text)
         if add_bos and self.bos_id is not None:
             ids = [self.bos_id] + ids
@@ -54,6 +58,7 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        """Text of ``ids``, with BOS, EOS and pad ids dropped unless ``skip_special`` is False."""
         ids = [int(i) for i in ids]
         if skip_special:
             special = {self.bos_id, self.eos_id, self.pad_id}
@@ -61,6 +66,7 @@ class Tokenizer:
         return self._decode(ids)
 
     def format_prompt(self, prompt: str) -> str:
+        """``prompt`` placed into the prompt template."""
         return self.prompt_template.replace("{prompt}", prompt)
 
     def encode_prompts(
@@ -82,11 +88,14 @@ class Tokenizer:
         return out, lengths
 
     def decode_batch(self, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+        """One text per row of ``tokens [B, T]``, from the tokens where ``mask [B, T]`` > 0."""
         pairs = zip(tokens, mask, strict=True)
         return [self.decode(np.asarray(t)[np.asarray(m) > 0]) for t, m in pairs]
 
 
 class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece ``.model`` file; without a pad id, pad is EOS (else 0)."""
+
     def __init__(self, path: str, **kw):
         import sentencepiece as spm
 

@@ -16,6 +16,8 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
+    """Parameters, optimiser state and step count; the optimiser itself is static metadata."""
+
     params: Any
     opt_state: Any
     step: jax.Array
@@ -23,9 +25,11 @@ class TrainState:
 
     @classmethod
     def create(cls, params, tx: optax.GradientTransformation) -> TrainState:
+        """A state at step 0 with the optimiser state initialised for ``params``."""
         return cls(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), tx=tx)
 
     def apply_gradients(self, grads) -> tuple[TrainState, jax.Array]:
+        """One optimiser step -> (state at step + 1, global norm of ``grads`` before clipping)."""
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         params = optax.apply_updates(self.params, updates)
         return self.replace(params=params, opt_state=opt_state, step=self.step + 1), (
@@ -40,6 +44,8 @@ def make_optimizer(
     grad_clip: float = 1.0,
     weight_decay: float = 0.0,
 ) -> optax.GradientTransformation:
+    """AdamW (b1 0.9, b2 0.95) after clipping by global norm at ``grad_clip``, with a linear
+    warm-up from 0 over ``warmup_steps`` when that is > 0."""
     schedule = (
         optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else learning_rate
     )

@@ -27,6 +27,8 @@ ANSWER_KEYS = ("answer", "solution", "final_answer", "ground_truth")
 
 
 class DataError(ValueError):
+    """A prompt file, row or prompt set that cannot be used."""
+
     pass
 
 
@@ -123,6 +125,7 @@ def build_dataset(source_files: Sequence[str], data_dir: str, name: str | None =
 
 
 def decode_row(example: dict) -> dict[str, str]:
+    """A stored example as ``{"problem", "answer"}`` strings (bytes decoded as UTF-8)."""
     out = {}
     for k in ("problem", "answer"):
         v = example[k]
@@ -144,6 +147,8 @@ class PromptIterator:
         return np.random.default_rng([self.seed, epoch]).permutation(self.size)
 
     def next_indices(self) -> list[int]:
+        """The next ``batch_size`` row indices, running on into the next epoch's permutation when
+        this one ends; advances the position."""
         out = []
         while len(out) < self.batch_size:
             perm = self._perm(self.epoch)
@@ -155,8 +160,10 @@ class PromptIterator:
         return out
 
     def state(self) -> dict[str, int]:
+        """The position ``{"seed", "epoch", "index"}``: what ``from_state`` restores."""
         return {"seed": self.seed, "epoch": self.epoch, "index": self.index}
 
     @classmethod
     def from_state(cls, size: int, batch_size: int, state: dict[str, int]) -> PromptIterator:
+        """An iterator over ``size`` rows resumed at a position saved by ``state``."""
         return cls(size, batch_size, state["seed"], state["epoch"], state["index"])

@@ -29,11 +29,16 @@ EVAL_SEED_OFFSET = 1_000_003  # Held-out problems and sampling use a disjoint se
 
 @dataclasses.dataclass(frozen=True)
 class MathProblem:
+    """A problem of a real prompt set: its prompt text and reference answer."""
+
     prompt: str
     answer: str
 
 
 class SyntheticSource:
+    """The addition task: a SentencePiece tokenizer trained once per workdir (by process 0),
+    exact answer checking, and no state."""
+
     def __init__(self, task: AdditionTask, workdir: str, seed: int, vocab_size: int):
         self.task = task
         self.seed = seed
@@ -55,26 +60,36 @@ class SyntheticSource:
         self.tokenizer: Tokenizer = load_tokenizer(path, prompt_template="{prompt}", add_bos=True)
 
     def train_problems(self, n: int, rng: np.random.Generator):
+        """``n`` fresh training problems, seeded from ``rng``."""
         return self.task.problems(n, int(rng.integers(2**31)))
 
     def eval_problems(self, n: int):
+        """``n`` held-out problems, the same on every call (seed ``seed + EVAL_SEED_OFFSET``)."""
         return self.task.problems(n, self.seed + EVAL_SEED_OFFSET)
 
     def check(self, texts, problems) -> tuple[np.ndarray, dict]:
+        """Exact-match correctness ``[B]`` (bool) of each response against its problem's answer, and
+        no metrics."""
         correct = [rewards.exact_match(t, p.answer) for t, p in zip(texts, problems, strict=True)]
         return np.array(correct, bool), {}
 
     def state(self) -> dict:
+        """Empty: problems follow the (seed, stage, step) random stream, so nothing is saved."""
         return {}
 
     def restore(self, state: dict) -> None:
+        """Nothing to restore: ``state`` is always empty."""
         del state
 
     def close(self) -> None:
+        """Nothing to release."""
         pass
 
 
 class MathSource:
+    """A real prompt set: the TFDS dataset built from ``train_files``, the pretrained model's
+    tokenizer, and math-verify in a pool of worker processes."""
+
     def __init__(
         self,
         *,
@@ -105,6 +120,8 @@ class MathSource:
         )
 
     def train_problems(self, n: int, rng: np.random.Generator):
+        """The next ``n`` problems from the checkpointed iterator (``rng`` is unused); a new ``n``
+        becomes the iterator's batch size."""
         del rng  # The order comes from the iterator, whose position is checkpointed.
         if n != self.iterator.batch_size:
             self.iterator.batch_size = n
@@ -112,9 +129,12 @@ class MathSource:
         return [MathProblem(r["problem"], r["answer"]) for r in rows]
 
     def eval_problems(self, n: int):
+        """The first ``n`` rows of ``eval_files`` (of ``train_files`` when none are given)."""
         return [MathProblem(r["problem"], r["answer"]) for r in self.eval_rows[:n]]
 
     def check(self, texts, problems) -> tuple[np.ndarray, dict]:
+        """math-verify correctness ``[B]`` (bool) of each response, and the verifier's timeout and
+        error counts as metrics."""
         res = self.verifier(list(texts), [p.answer for p in problems])
         return res.correct, {
             "reward/verifier_timeouts": res.timeouts,
@@ -122,13 +142,17 @@ class MathSource:
         }
 
     def state(self) -> dict:
+        """The prompt iterator's position (seed, epoch, index), saved in every checkpoint."""
         return self.iterator.state()
 
     def restore(self, state: dict) -> None:
+        """Resumes the prompt iterator at a saved position; an empty ``state`` keeps the
+        current one."""
         if state:
             self.iterator = math_prompts.PromptIterator.from_state(
                 self.iterator.size, self.iterator.batch_size, state
             )
 
     def close(self) -> None:
+        """Shuts down the verifier's worker pool."""
         self.verifier.close()

@@ -44,6 +44,8 @@ LABELS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"  # Term names wh
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
+    """One addition problem: prompt, answer, both kinds of solution and the terms."""
+
     prompt: str
     answer: str
     full_solution: str  # Every partial sum written, then the answer.
@@ -53,6 +55,9 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class AdditionTask:
+    """The task's shape: chain length, digits per term, named terms and the restating cadence
+    (see the module docstring)."""
+
     num_terms: int = 5
     digits: int = 2
     labels: bool = False
@@ -88,6 +93,7 @@ class AdditionTask:
         return " " + " ; ".join(steps) + f" . {ANSWER_PREFIX} {acc}"
 
     def make(self, terms) -> Problem:
+        """The problem for the given terms: its prompt, answer and both kinds of solution."""
         terms = tuple(int(t) for t in terms)
         answer = str(sum(terms))
         if self.labels:
@@ -114,10 +120,12 @@ class AdditionTask:
         return self._solution(problem.terms, wrong_step=k, delta=delta)
 
     def sample(self, rng: np.random.Generator) -> Problem:
+        """A random problem: ``num_terms`` terms of exactly ``digits`` digits (0-9 for one)."""
         lo = 10 ** (self.digits - 1) if self.digits > 1 else 0
         return self.make(rng.integers(lo, 10**self.digits, size=self.num_terms))
 
     def problems(self, n: int, seed: int) -> list[Problem]:
+        """``n`` random problems drawn from ``seed`` (the same seed gives the same problems)."""
         rng = np.random.default_rng(seed)
         return [self.sample(rng) for _ in range(n)]
 

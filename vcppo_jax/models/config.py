@@ -61,22 +61,27 @@ class ModelConfig:
 
     @property
     def head_size(self) -> int:
+        """Per-head dimension D: ``head_dim``, or ``hidden_size // num_heads`` when unset."""
         return self.head_dim or self.hidden_size // self.num_heads
 
     @property
     def jnp_param_dtype(self):
+        """The jnp dtype parameters are stored in."""
         return _DTYPES[self.param_dtype]
 
     @property
     def jnp_dtype(self):
+        """The jnp compute dtype of activations."""
         return _DTYPES[self.dtype]
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
+        """``rope_scaling`` as a dict, or None when there is no scaling."""
         return dict(self.rope_scaling) if self.rope_scaling else None
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
+        """Every EOS token id, as a tuple (empty when none is set)."""
         if self.eos_token_id is None:
             return ()
         if isinstance(self.eos_token_id, int):
@@ -84,4 +89,5 @@ class ModelConfig:
         return tuple(self.eos_token_id)
 
     def replace(self, **kw) -> ModelConfig:
+        """A copy with the given fields changed."""
         return dataclasses.replace(self, **kw)

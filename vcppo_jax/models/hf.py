@@ -34,6 +34,8 @@ class CheckpointError(ValueError):
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """A ``ModelConfig`` from a HF ``config.json`` dict (old or new field names), with
+    ``overrides`` applied; unsupported architectures and features raise ``CheckpointError``."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -86,6 +88,8 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The HF ``config.json`` dict for ``config``, with both the old and the new spellings of the
+    dtype and rope fields."""
     arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[config.model_type]
     rope = {"rope_theta": config.rope_theta, "rope_type": "default"}
     if config.rope_scaling:

@@ -27,6 +27,8 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsError(ValueError):
+    """A file that is not valid safetensors, or a tensor that cannot be saved."""
+
     pass
 
 
@@ -67,6 +69,8 @@ def load(path: str) -> dict[str, np.ndarray]:
 
 
 def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+    """Writes ``tensors`` (by sorted name, data 8-byte aligned) and optional string ``metadata``
+    to ``path``, atomically through a temporary file."""
     header: dict = {}
     offset = 0
     arrays = []

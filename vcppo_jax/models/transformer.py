@@ -102,6 +102,8 @@ def _packed_dense(x: jax.Array, packed: dict, out_shape: tuple[int, ...], in_dim
 
 
 class RMSNorm(nn.Module):
+    """RMS normalisation over the last axis in float32, times a learned ``scale [E]``."""
+
     eps: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
@@ -121,6 +123,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query causal self-attention with rotary embeddings -> (``[B, T, E]``, new cache);
+    with a cache, k / v are written at ``positions`` and the updated cache is returned."""
+
     config: ModelConfig
 
     @nn.compact
@@ -208,6 +213,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """SwiGLU feed-forward ``down(silu(gate(x)) * up(x))``: ``[..., E] -> [..., E]``."""
+
     config: ModelConfig
 
     @nn.compact
@@ -234,6 +241,9 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One pre-norm decoder layer, attention then MLP, each with a residual -> (``[B, T, E]``,
+    new cache)."""
+
     config: ModelConfig
 
     @nn.compact

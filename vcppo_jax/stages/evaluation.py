@@ -14,6 +14,8 @@ from vcppo_jax.stages import Context
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """Evaluation's config fields (``eval.*``)."""
+
     num_prompts: int
     num_samples: int  # Sampled answers per prompt: sampled accuracy and pass@k.
     route_accuracy: bool  # Also the greedy accuracy of each route, forced.

@@ -15,6 +15,8 @@ from vcppo_jax.train_state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """The reward model's config fields (``reward_model.*``, ``reward.*``)."""
+
     batch_size: int
     direct_fraction: float  # Share of pairs whose response takes the short route.
     correct: float  # Target for a right response (reward.correct).

@@ -14,6 +14,8 @@ from vcppo_jax.train_state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """SFT's config fields (``sft.*``, ``data.direct_fraction``)."""
+
     batch_size: int
     direct_fraction: float  # Share of demonstrations that take the short route.
     min_terms: int = 0  # > 0: chain lengths drawn from [min_terms, task.num_terms].

@@ -16,6 +16,8 @@ from vcppo_jax.train_state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """Value pretraining's config fields (``value_pretrain.*``, ``gae.gamma``, ``ppo.*``)."""
+
     lambda_: float
     gamma: float
     epochs: int  # Passes over each batch (ppo.epochs), in ppo.minibatches minibatches.
