@@ -58,11 +58,6 @@ from vcppo_jax.tokenizer import check_vocab
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
 
 
-def _copy(tree):
-    """A distinct copy: update steps donate their state, so no two states may share buffers."""
-    return jax.tree.map(jnp.copy, tree)
-
-
 class Experiment:
     """One experiment in one workdir: the config wired into a task, models, stages and a
     checkpointer; ``run()`` runs (or resumes) the stages to the end."""
@@ -285,27 +280,18 @@ class Experiment:
         self.rm_tx = train_state.make_optimizer(c.reward_model.learning_rate, grad_clip=1.0)
         self.states = train_state.ModelStates(
             policy=self._new_state(policy_params, self.actor_tx),
-            sft=self._new_state(_copy(policy_params), self.sft_tx),
+            sft=self._new_state(train_state.copy_tree(policy_params), self.sft_tx),
             critic=self._new_state(self._critic_params(init(k_crit, "value")), self.critic_tx),
             reward_model=self._new_state(init(k_rm, "value"), self.rm_tx),
-            reference=_copy(policy_params),
+            reference=train_state.copy_tree(policy_params),
         )
 
     def _critic_params(self, params, offset: float = 0.0) -> dict:
-        """A value model's parameters as the critic holds them: with critic.init_offset added
-        to its output on every state ("constant": the value head's bias) or as a per-response-
-        token table ("linear": ``offset * (1 - t / rollout.max_new_tokens)``)."""
+        """A value model's parameters with critic.init_offset applied (train_state)."""
         c = self.config
-        params = {k: v for k, v in params.items() if k != "position_offset"}  # Set afresh.
-        if c.critic.init_offset_profile == "linear":
-            n = c.rollout.max_new_tokens
-            table = offset * (1.0 - np.arange(n, dtype=np.float32) / n)
-            params["position_offset"] = self._replicated(table)
-        elif offset:
-            head = dict(params["value_head"])
-            head["bias"] = head["bias"] + jnp.asarray(offset, head["bias"].dtype)
-            params["value_head"] = head
-        return params
+        return train_state.with_critic_offset(
+            params, offset, c.critic.init_offset_profile, c.rollout.max_new_tokens, self._replicated
+        )
 
     def _replicated(self, x) -> jax.Array:
         """A host array (the same on every process) -> a global array replicated on the mesh."""
@@ -493,7 +479,7 @@ class Experiment:
             # starts from critic.init.
             start = c.value_pretrain.init if stage == "value_pretrain" else c.critic.init
             if start == "reward_model":
-                params = _copy(self.states.reward_model.params)
+                params = train_state.copy_tree(self.states.reward_model.params)
             elif start == "policy":
                 params = self._on_policy_backbone(self.states.critic.params)
             else:
@@ -508,19 +494,17 @@ class Experiment:
         if stage == "ppo":
             # The critic's optimiser starts afresh; the reference is the starting policy.
             self.states.critic = self._new_state(self.states.critic.params, self.critic_tx)
-            self.states.reference = _copy(self.states.policy.params)
+            self.states.reference = train_state.copy_tree(self.states.policy.params)
 
     def _on_policy_backbone(self, value_params: dict) -> dict:
-        """A value model's parameters on (a copy of) the policy's backbone, keeping its own fresh
-        value head."""
-        params = dict(value_params)
-        params["decoder"] = _copy(self.states.policy.params["decoder"])
-        return params
+        return train_state.on_policy_backbone(value_params, self.states.policy.params)
 
     def _exit_stage(self, stage: str) -> None:
         if stage == "sft":  # The fine-tuned weights become the policy, with PPO's optimiser.
-            self.states.policy = self._new_state(_copy(self.states.sft.params), self.actor_tx)
-            self.states.reference = _copy(self.states.sft.params)
+            self.states.policy = self._new_state(
+                train_state.copy_tree(self.states.sft.params), self.actor_tx
+            )
+            self.states.reference = train_state.copy_tree(self.states.sft.params)
             self._export_sft_policy()
 
     def total_steps(self, stage: str) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -73,3 +74,35 @@ jax.tree_util.register_dataclass(
     data_fields=[f.name for f in dataclasses.fields(ModelStates)],
     meta_fields=[],
 )
+
+
+def copy_tree(tree):
+    """A distinct copy: update steps donate their state, so no two states may share buffers."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def on_policy_backbone(value_params: dict, policy_params: dict) -> dict:
+    """A value model's parameters on (a copy of) the policy's backbone, keeping its own value
+    head: how the reward model, and a critic started from the policy, are initialised."""
+    params = dict(value_params)
+    params["decoder"] = copy_tree(policy_params["decoder"])
+    return params
+
+
+def with_critic_offset(
+    params: dict, offset: float, profile: str, max_new_tokens: int, to_mesh=jnp.asarray
+) -> dict:
+    """A value model's parameters as the critic holds them, with ``offset`` added to its
+    output: on every state (``profile="constant"``: the value head's bias) or as a trainable
+    per-response-token table (``"linear"``: ``offset * (1 - t / max_new_tokens)`` on token t).
+    Any earlier table is replaced; ``to_mesh`` places the table (replicated)."""
+    params = {k: v for k, v in params.items() if k != "position_offset"}  # Set afresh.
+    if profile == "linear":
+        n = max_new_tokens
+        table = offset * (1.0 - np.arange(n, dtype=np.float32) / n)
+        params["position_offset"] = to_mesh(table)
+    elif offset:
+        head = dict(params["value_head"])
+        head["bias"] = head["bias"] + jnp.asarray(offset, head["bias"].dtype)
+        params["value_head"] = head
+    return params
