@@ -247,18 +247,20 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
         "actor.learning_rate": 1e-4,
         "critic.learning_rate": 3e-4,
     },
-    # The long-CoT regime on a CPU: ~340-token written answers. 30 labelled single-digit terms:
-    # written solutions of 315-355 tokens (mean 337), the direct answer 6, the prompt ~63.
-    # Labels make the term look-up learnable by the tiny model (vcppo_jax/data/synthetic.py);
-    # it takes ~1200 SFT steps (~29 min on 2 cores). The reward model is trained 200 steps (not
+    # The long-CoT regime on a CPU: ~310-token written answers. 14 labelled single-digit terms,
+    # every step restating the terms still to add (data.carry_every=1), so each copy is from the
+    # step before (a look-up 250+ tokens back is what the tiny model failed to learn: README,
+    # "The long regime"): written solutions of 303-317 tokens, the direct answer 5-6, the prompt
+    # ~31. SFT takes 1600 steps (~30 min on 2 cores). The reward model is trained 200 steps (not
     # tiny's 600) to keep a run under 20 min.
     "long": {
-        "data.num_terms": 30,
+        "data.num_terms": 14,
         "data.digits": 1,
         "data.labels": True,
+        "data.carry_every": 1,
         "data.tokenizer_vocab_size": 96,
         "data.pad_multiple": 16,
-        "sft.steps": 1200,
+        "sft.steps": 1600,
         "sft.batch_size": 32,
         "sft.learning_rate": 3e-3,
         "reward_model.steps": 200,

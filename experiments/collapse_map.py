@@ -3,7 +3,7 @@
     python -m experiments.collapse_map --out workdirs/collapse_map \\
         [--offsets 0,-1,-2] [--profiles constant] [--num_terms 12] [--lambda_actor 0.95] \\
         [--lr_ratios 3] [--methods ppo,decoupled,vp,vcppo] [--seeds 0,1] [--variant tiny] \\
-        [--ppo_steps 20] [--critic_start policy] [--dry_run]
+        [--ppo_steps 20] [--critic_start policy] [--sft_from STUDY_OUT] [--dry_run]
 
 The paper says PPO collapses on long answers because its critic under-values unfinished
 prefixes (value initialisation bias) and lambda < 1 starves early tokens of the terminal reward,
@@ -44,8 +44,10 @@ import time
 
 import numpy as np
 
+from configs import common
 from experiments import reproduce
 from vcppo_jax import plotting
+from vcppo_jax.data.synthetic import AdditionTask
 from vcppo_jax.metrics import read_metrics
 
 # method -> (config file, flags); lambda_critic follows lambda_actor where it is not 1.
@@ -59,14 +61,20 @@ COLLAPSE_LENGTH_RATIO = 0.8
 COLLAPSE_ACCURACY_DROP = 0.15
 
 
-def chain_flags(num_terms: int) -> tuple[str, ...]:
-    """The chain length, room for its written answer (about 10 tokens a step) and padding of
-    demonstration batches (one compiled SFT step per 16 tokens of width)."""
-    return (
-        f"--config.data.num_terms={num_terms}",
-        f"--config.rollout.max_new_tokens={12 * num_terms + 16}",
-        "--config.data.pad_multiple=16",
-    )
+def chain_flags(num_terms: int, variant: str = "tiny") -> tuple[str, ...]:
+    """The chain length, room for its written answer and padding of demonstration batches (one
+    compiled SFT step per 16 tokens of width). At the variant's own chain length its own
+    rollout.max_new_tokens stands; otherwise about 12 tokens a step, or, where the variant's
+    format is longer (restated terms), the longest written answer's non-space characters (a
+    bound on its tokens: digits are one token each) plus 16."""
+    c = common.apply_variant(common.base_config(), variant)
+    flags = (f"--config.data.num_terms={num_terms}", "--config.data.pad_multiple=16")
+    if num_terms == c.data.num_terms:
+        return flags
+    task = AdditionTask(num_terms, c.data.digits, c.data.labels, c.data.carry_every)
+    longest = task.make([10**c.data.digits - 1] * num_terms).full_solution.replace(" ", "")
+    budget = max(12 * num_terms + 16, len(longest) + 16)
+    return (*flags, f"--config.rollout.max_new_tokens={budget}")
 
 
 def _floats(text: str) -> list[float]:
@@ -237,6 +245,12 @@ def main() -> None:
         "run is copied there when it finishes",
     )
     parser.add_argument(
+        "--sft_from",
+        default=None,
+        help="a study's --out folder (experiments/reproduce.py): at the variant's own chain "
+        "length, start from its SFT policy of each seed (OUT/sft/seed_N) instead of training one",
+    )
+    parser.add_argument(
         "--report_only",
         action="store_true",
         help="run nothing: summarise the finished runs of the grid (a partial map) and draw",
@@ -281,7 +295,7 @@ def main() -> None:
     t0, done = time.time(), 0
     for off, profile, n, lam, ratio in cells:
         cell = cell_name(off, profile, n, lam, ratio)
-        terms = chain_flags(n)
+        terms = chain_flags(n, args.variant)
         for method in methods:
             for seed in seeds:
                 if (seed, n) not in sft:
@@ -336,11 +350,14 @@ def main() -> None:
 
 
 def _sft(args, seed: int, num_terms: int) -> str:
+    own = common.apply_variant(common.base_config(), args.variant).data.num_terms
+    if args.sft_from and num_terms == own:  # The study's SFT policy of this seed.
+        return os.path.join(args.sft_from, "sft", f"seed_{seed}")
     wd = os.path.join(args.out, "sft", f"terms{num_terms}", f"seed_{seed}")
     if args.report_only:
         return wd
     cmd = reproduce._cmd(
-        reproduce.VCPPO, args.variant, wd, seed, *chain_flags(num_terms),
+        reproduce.VCPPO, args.variant, wd, seed, *chain_flags(num_terms, args.variant),
         *reproduce.SFT_ONLY,
     )  # fmt: skip
     name = f"SFT terms {num_terms} seed {seed}"

@@ -120,13 +120,13 @@ def test_dry_run_one_sft_per_seed_and_chain_length(tmp_path):
 def test_long_chains_get_room_for_their_answers_and_reuse_the_study_sft(tmp_path):
     from vcppo_jax.data.synthetic import AdditionTask
 
-    assert cm.chain_flags(24, "long") == (
-        "--config.data.num_terms=24",
+    assert cm.chain_flags(14, "long") == (
+        "--config.data.num_terms=14",
         "--config.data.pad_multiple=16",
     )  # The variant's own length: its own max_new_tokens.
     flags = cm.chain_flags(30, "long")
     budget = int(flags[-1].split("=")[1])
-    longest = AdditionTask(30, 1, True, 6).make([9] * 30).full_solution
+    longest = AdditionTask(30, 1, True, 1).make([9] * 30).full_solution
     assert budget > len(longest.replace(" ", "")) and budget >= 12 * 30 + 16
     assert cm.chain_flags(7) == (
         "--config.data.num_terms=7",
@@ -135,7 +135,7 @@ def test_long_chains_get_room_for_their_answers_and_reuse_the_study_sft(tmp_path
     )  # As the committed map's runs had it.
     out = subprocess.run(
         [sys.executable, "-m", "experiments.collapse_map", f"--out={tmp_path}", "--dry_run",
-         "--variant=long", "--num_terms=24", "--offsets=-2", "--methods=ppo",
+         "--variant=long", "--num_terms=14", "--offsets=-2", "--methods=ppo",
          "--seeds=0", "--sft_from=workdirs/study_long"],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
