@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from vcppo_jax import metrics
 
@@ -46,3 +47,18 @@ def test_position_profile_against_a_loop(tmp_path):
     loaded = metrics.load_profile(str(tmp_path))
     assert loaded["value"] == json.loads(json.dumps(prof["value"]))
     assert loaded["value_minus_return"][0] == prof["value"][0] - prof["return"][0]
+
+
+def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_named(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "stage": "sft"}\n{"step": 1, "stage": "sft"}\n{"step": 2, "st')
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [0, 1]
+    assert "dropping a torn last line" in capsys.readouterr().err
+    w = metrics.MetricsWriter(str(tmp_path), tensorboard=False)
+    w.trim_to(["sft"], 0, 1)  # Resume after SFT step 0: keeps row 0 only, the torn one gone.
+    w.write(1, "sft", {})
+    w.close()
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [0, 1]
+    path.write_text('{"step": 0, "stage": "sft"}\nnot json\n{"step": 2, "stage": "sft"}\n')
+    with pytest.raises(ValueError, match="line 2: not a JSON row"):
+        metrics.read_metrics(str(path))

@@ -110,9 +110,59 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(full_run, tmp_path):
 
 def test_checkpoint_from_another_config_is_refused(full_run, tmp_path):
     wd_full, _ = full_run
+    with open(os.path.join(wd_full, "config.json")) as f:
+        before = f.read()
     out = run_main(wd_full, "--config.model.hidden_size=48", "--config.model.num_heads=2")
     assert out.returncode != 0
     assert "model.hidden_size: checkpoint has 32, config has 48" in out.stderr
+    with open(os.path.join(wd_full, "config.json")) as f:  # Still the config it ran under.
+        assert f.read() == before
+
+
+def test_changed_fields_on_resume_are_listed_and_recorded(full_run, tmp_path):
+    import shutil
+
+    wd = str(tmp_path / "copy")
+    shutil.copytree(full_run[0], wd)
+    assert not os.path.exists(os.path.join(wd, "resumes.jsonl"))
+    out = run_main(wd, "--config.gae.lambda_actor=0.5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "gae.lambda_actor: 0.95 -> 0.5" in out.stderr
+    with open(os.path.join(wd, "resumes.jsonl")) as f:
+        (record,) = [json.loads(line) for line in f]
+    assert record["changed"] == {"gae.lambda_actor": [0.95, 0.5]}
+    assert record["resumed_at"] == "done step 0"
+    with open(os.path.join(wd, "config.json")) as f:
+        assert json.load(f)["gae"]["lambda_actor"] == 0.5
+
+
+def test_rows_of_an_unsaved_attempt_and_a_torn_line_are_dropped(full_run, tmp_path):
+    """A run killed before its first checkpoint (and mid-line) leaves rows that a rerun, which
+    starts from scratch, writes again: they must not stay twice."""
+    wd = str(tmp_path / "killed")
+    os.makedirs(wd)
+    with open(os.path.join(wd, "metrics.jsonl"), "w") as f:
+        for s in range(3):
+            f.write(json.dumps({"step": s, "stage": "sft", "time": 0.0, "sft/loss": 9.0}) + "\n")
+        f.write('{"step": 3, "stage": "sf')  # Torn.
+    out = run_main(wd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "dropping a torn last line" in out.stderr
+    assert comparable(rows(wd)) == comparable(rows(full_run[0]))
+
+
+def test_a_locked_workdir_is_refused_at_once(tmp_path):
+    from vcppo_jax.workdir import WorkdirLock
+
+    wd = str(tmp_path / "locked")
+    os.makedirs(wd)
+    with WorkdirLock(wd):
+        out = run_main(wd, timeout=120)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "is in use by host" in last and "pid" in last
+    assert "Traceback" not in out.stderr
+    assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
 
 
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(full_run, tmp_path):

@@ -43,8 +43,13 @@ def main(argv: list[str]) -> None:
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required to run an experiment")
     from vcppo_jax import runner
+    from vcppo_jax.workdir import WorkdirLockedError
 
-    runner.run(config, _WORKDIR.value)
+    try:
+        runner.run(config, _WORKDIR.value)
+    except WorkdirLockedError as e:  # Nothing was touched: say so in one line.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

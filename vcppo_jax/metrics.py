@@ -71,15 +71,13 @@ class MetricsWriter:
             return
         resume = (stage_index, stage_step)
         kept = []
-        with open(self.path) as f:
-            for line in f:
-                row = json.loads(line)
-                stage = "ppo" if row["stage"] == "eval" else row["stage"]
-                if stage not in stages:
-                    continue
-                done = row["step"] + (0.5 if row["stage"] == "eval" else 1)
-                if (stages.index(stage), done) <= resume:
-                    kept.append(line)
+        for line, row in _rows(self.path):
+            stage = "ppo" if row["stage"] == "eval" else row["stage"]
+            if stage not in stages:
+                continue
+            done = row["step"] + (0.5 if row["stage"] == "eval" else 1)
+            if (stages.index(stage), done) <= resume:
+                kept.append(line)
         self.rewrite(kept)
 
     def close(self):
@@ -90,17 +88,30 @@ class MetricsWriter:
                 self._tb.close()
 
 
+def _rows(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of each line of a metrics file. A torn last line (a run killed while
+    writing it) is dropped with a warning; a bad line elsewhere is an error naming it."""
+    with open(path) as f:
+        lines = f.readlines()
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append((line if line.endswith("\n") else line + "\n", json.loads(line)))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                print(f"warning: {path}: dropping a torn last line ({e})", file=sys.stderr)
+                continue
+            raise ValueError(f"{path}, line {i + 1}: not a JSON row ({e})") from e
+    return out
+
+
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """Every row of a ``metrics.jsonl`` file (or of a workdir's), in order."""
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.jsonl")
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rows.append(json.loads(line))
-    return rows
+    return [row for _, row in _rows(path)]
 
 
 class Progress:

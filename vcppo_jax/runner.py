@@ -38,6 +38,7 @@ from vcppo_jax import (
     train_state,
     updates,
 )
+from vcppo_jax import workdir as workdir_lib
 from vcppo_jax.checkpoint import (
     SFT_KEYS,
     Checkpointer,
@@ -346,7 +347,10 @@ class Experiment:
     def _restore(self) -> tuple[int, int]:
         restored = self.checkpointer.restore(self.states, fingerprint(self.config))
         self._ckpt_step = self.checkpointer.latest_step() or 0
+        self._resumed_at = None
         if restored is None:
+            # Nothing to resume: rows an earlier, unsaved attempt wrote will be written again.
+            self.metrics.trim_to(self.stages, 0, 0)
             return 0, 0
         tree, meta = restored
         if meta["stages"] != self.stages:
@@ -355,6 +359,7 @@ class Experiment:
                 f"{self.stages}; use a new --workdir"
             )
         self.states = tree
+        self._resumed_at = f"{meta['stage']} step {meta['stage_step']}"
         self.source.restore(meta.get("data", {}))
         self._truncate_metrics(meta["stage_index"], meta["stage_step"])
         print(
@@ -531,6 +536,10 @@ class Experiment:
         goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps."""
         c = self.config
         stage_index, stage_step = self._restore()
+        if jax.process_index() == 0:  # Only now: the checkpoint's fingerprint was accepted.
+            workdir_lib.record_config(
+                self.workdir, c.to_json_best_effort(indent=2, sort_keys=True), self._resumed_at
+            )
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         keys = {
             "sft": ("sft/loss",),
@@ -624,7 +633,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
             )
         jax.distributed.initialize(**kwargs)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    Experiment(config, workdir).run()
+    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        Experiment(config, workdir).run()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -1,0 +1,41 @@
+"""The workdir lock and the config record kept on resume."""
+
+import json
+import os
+
+import pytest
+
+from vcppo_jax import workdir
+
+
+def test_lock_is_exclusive_and_a_stale_one_is_taken_over(tmp_path, capsys):
+    wd = str(tmp_path)
+    with open(os.path.join(wd, ".lock"), "w") as f:
+        f.write("host elsewhere pid 999999")  # Left by a run that died (no flock held).
+    lock = workdir.WorkdirLock(wd).acquire()
+    assert "taking over" in capsys.readouterr().err
+    with open(os.path.join(wd, ".lock")) as f:
+        assert f.read() == f"host {os.uname().nodename} pid {os.getpid()}"
+    with pytest.raises(workdir.WorkdirLockedError, match=f"pid {os.getpid()}"):
+        workdir.WorkdirLock(wd).acquire()  # Another open file: flock says no.
+    lock.release()
+    with workdir.WorkdirLock(wd):  # Released: free again, and no stale-lock message.
+        assert "taking over" not in capsys.readouterr().err
+
+
+def test_record_config_lists_changes_only_on_resume(tmp_path, capsys):
+    wd = str(tmp_path)
+    a = json.dumps({"gae": {"lambda_actor": 0.95}, "seed": 0})
+    b = json.dumps({"gae": {"lambda_actor": 0.5}, "seed": 0, "new": {"x": 1}})
+    assert workdir.record_config(wd, a, None) == {}
+    assert workdir.record_config(wd, b, None) == {}  # A fresh start records nothing.
+    assert not os.path.exists(os.path.join(wd, "resumes.jsonl"))
+    workdir.record_config(wd, a, None)
+    changes = workdir.record_config(wd, b, "ppo step 10")
+    assert changes == {"gae.lambda_actor": [0.95, 0.5], "new.x": [None, 1]}
+    assert "gae.lambda_actor: 0.95 -> 0.5" in capsys.readouterr().err
+    with open(os.path.join(wd, "resumes.jsonl")) as f:
+        (rec,) = [json.loads(line) for line in f]
+    assert rec["resumed_at"] == "ppo step 10" and rec["changed"] == changes
+    with open(os.path.join(wd, "config.json")) as f:
+        assert f.read() == b

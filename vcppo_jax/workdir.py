@@ -1,0 +1,132 @@
+"""Workdir safety: one run per workdir (an exclusive lock), and config.json kept true on resume.
+
+``WorkdirLock`` holds an exclusive ``flock`` on ``WORKDIR/.lock`` for the life of a run and
+writes the holder's host and PID into it; a second run on the same workdir fails at once naming
+the holder. The kernel drops the lock when its process dies (kill -9 included), so a lock file
+left by a dead run is taken over, with a message naming it.
+
+``record_config`` writes ``config.json`` once the checkpoint's fingerprint has been accepted
+and, on a resume, lists the fields that differ from the previous run's config (those outside
+the fingerprint: the fingerprinted ones were refused before) on stderr and appends them to
+``resumes.jsonl``, so a workdir's record says what every part of it ran under.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+LOCK_FILE = ".lock"
+CONFIG_FILE = "config.json"
+RESUMES_FILE = "resumes.jsonl"
+
+
+class WorkdirLockedError(RuntimeError):
+    """Another live run holds the workdir."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir (``with WorkdirLock(workdir): ...``)."""
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> WorkdirLock:
+        """Takes the lock or raises ``WorkdirLockedError`` naming the run that holds it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read(fd) or "another process"
+            os.close(fd)
+            raise WorkdirLockedError(
+                f"{os.path.dirname(self.path)} is in use by {holder} (lock file {self.path}); "
+                "wait for that run to end or use another --workdir"
+            ) from None
+        previous = _read(fd)
+        me = f"host {socket.gethostname()} pid {os.getpid()}"
+        if previous:
+            print(
+                f"workdir lock: taking over {self.path}, left by {previous}, which no longer "
+                "holds it",
+                file=sys.stderr,
+                flush=True,
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me.encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Empties the lock file and drops the lock."""
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> WorkdirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read(fd: int) -> str:
+    return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(old: dict, new: dict) -> dict[str, list]:
+    """Field -> [old, new] for every field whose value differs (or that only one side has)."""
+    a, b = _flat(old), _flat(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def record_config(workdir: str, config_json: str, resumed_at: str | None) -> dict[str, list]:
+    """Writes ``config.json`` (whole, through a temporary file). ``resumed_at`` (e.g. "ppo step
+    10") when resuming from a checkpoint: the fields changed since the previous config.json are
+    printed and appended to ``resumes.jsonl``. Returns those changes."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    changes: dict[str, list] = {}
+    if resumed_at is not None and os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            old = {}
+            print(f"warning: {path} unreadable ({e}); not compared", file=sys.stderr)
+        changes = config_changes(old, json.loads(config_json)) if old else {}
+        if changes:
+            lines = "\n  ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items())
+            print(
+                f"resuming at {resumed_at} with {len(changes)} changed field(s) (recorded in "
+                f"{RESUMES_FILE}):\n  {lines}",
+                file=sys.stderr,
+                flush=True,
+            )
+            record = {"time": time.time(), "resumed_at": resumed_at, "changed": changes}
+            with open(os.path.join(workdir, RESUMES_FILE), "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config_json)
+    os.replace(tmp, path)
+    return changes
