@@ -231,3 +231,17 @@ def test_config_errors():
             num_heads=4,
             num_kv_heads=3,
         )
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    from vcppo_jax.models import safetensors_io as st
+
+    path = save_hf_model(make_hf_model("llama"), str(tmp_path / "m"))
+    weights = os.path.join(path, "model.safetensors")
+    tensors = st.load(weights)
+    bad = "model.layers.0.mlp.up_proj.weight"
+    tensors[bad] = tensors[bad].copy()
+    tensors[bad][0, :3] = [np.nan, np.inf, -np.inf]
+    st.save(weights, tensors, {"format": "pt"})
+    with pytest.raises(hf.CheckpointError, match=rf"{bad} holds 3 non-finite value\(s\)"):
+        hf.load_checkpoint(path)

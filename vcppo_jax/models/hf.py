@@ -280,6 +280,12 @@ def load_checkpoint(path: str, *, head: str = "lm", **config_overrides):
                 f"{path}: tensor {name} has shape {list(w.shape)}, expected "
                 f"{list(_hf_shape(kind, want))} from config.json"
             )
+        finite = np.isfinite(w)
+        if not finite.all():
+            raise CheckpointError(
+                f"{path}: tensor {name} holds {int((~finite).sum())} non-finite value(s) "
+                "(NaN or inf): the checkpoint is damaged or diverged"
+            )
         _set(params, ours, np.asarray(_to_ours(kind, w, want), dtype=dtype))
     params = jax.tree.map(jax.numpy.asarray, params)
     return config, params
