@@ -60,6 +60,7 @@ BAD_FIELDS = [
     ("rollout.top_p", 0.0, "rollout.top_p=0.0"),
     ("model.num_kv_heads", 3, "model.num_kv_heads=3: must divide model.num_heads=4"),
     ("mesh.data", 0, "mesh.data=0"),
+    ("mesh.data", 4096, "mesh: mesh {'data': 4096, 'fsdp': 1, 'tensor': 1} needs 4096 devices"),
     ("data.carry_every", 2, "data.carry_every=2 needs data.labels=True"),
     ("data.carry_every", -1, "data.carry_every=-1: expected an integer >= 0"),
     ("mesh.rules", (("embed", "model"),), "mesh.rules: bad rule ('embed', 'model')"),
@@ -142,3 +143,20 @@ def test_reward_model_critic_with_a_pretrained_checkpoint_is_refused():
     ]
     c.critic.init = "policy"
     validate_config(c)
+
+
+def test_unknown_override_is_one_line_naming_the_closest_fields():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "vcppo_jax.main", "--config=configs/vcppo.py:smoke",
+         "--config.ppo.epoch=2", "--validate_only"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: --config.ppo.epoch: no such config field; closest: ppo.epochs, ppo.eps_low, "
+        "ppo.steps"
+    ]

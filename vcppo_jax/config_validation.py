@@ -317,6 +317,18 @@ def validate_mesh(check: Checker) -> None:
         mesh_sizes.append(size)
     if mesh_sizes.count(-1) > 1:
         check.problem(f"mesh: at most one axis may be -1; got {mesh_sizes}")
+    elif None not in mesh_sizes and check.get("distributed") is False:
+        # One process: the devices are all here, so the mesh can be checked now (a
+        # multi-process run sees its devices only after jax.distributed.initialize).
+        import jax
+
+        from vcppo_jax.sharding import ShardingError, mesh_shape
+
+        try:
+            mesh_shape(dict(zip(("data", "fsdp", "tensor"), mesh_sizes, strict=True)),
+                       jax.device_count())  # fmt: skip
+        except ShardingError as e:
+            check.problem(f"mesh: {e} (on {jax.default_backend()})")
     rules = check.get("mesh.rules")
     if rules is _MISSING:
         check.problem("mesh.rules: missing (expected (logical name, mesh axes) pairs)")
