@@ -462,3 +462,27 @@ def test_sft_only_run_reports_the_policys_accuracy_by_route(tmp_path):
     for key in ("eval/accuracy", "eval/accuracy_sampled", "eval/accuracy_greedy_written_route"):
         assert 0.0 <= evals[0][key] <= 1.0
     assert [r["step"] for r in rows(wd) if r["stage"] == "sft"] == [0, 1]
+
+
+def test_sigterm_during_the_final_evaluation_exits_143(tmp_path, monkeypatch):
+    """The handler only sets a flag; a SIGTERM that arrives while the last evaluation runs must
+    still end the run with 143 (the scheduler's 'stopped'), not 0."""
+    from configs import vcppo
+    from vcppo_jax import runner
+
+    c = vcppo.get_config("smoke")
+    c.ppo.steps = 1
+    c.eval.every_steps = 5
+    evaluate = runner.Experiment.evaluate
+
+    def evaluate_then_sigterm(self, step):
+        out = evaluate(self, step)
+        if step == self.config.ppo.steps:  # The final evaluation.
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(runner.Experiment, "evaluate", evaluate_then_sigterm)
+    with pytest.raises(SystemExit) as info:
+        runner.run(c, str(tmp_path))
+    assert info.value.code == 143
+    assert [r["step"] for r in rows(str(tmp_path)) if r["stage"] == "eval"] == [0, 1]

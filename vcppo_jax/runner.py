@@ -601,6 +601,14 @@ class Experiment:
                         return
                 if stage == "ppo" and start < total:
                     self.metrics.write(total, "eval", self.evaluate(total))
+            if self._stop_requested:  # SIGTERM during an evaluation after the last step.
+                self.checkpointer.wait()
+                print(
+                    "stopped (SIGTERM) after the last step: the run is complete and saved",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.exit(143)
             checksum = sum(
                 float(jnp.sum(jnp.abs(x))) for x in jax.tree.leaves(self.states.policy.params)
             )
