@@ -1,5 +1,6 @@
 """Checkpointer: a half-written checkpoint is never restored; config mismatches are refused."""
 
+import hashlib
 import os
 import shutil
 
@@ -30,3 +31,30 @@ def test_half_written_checkpoint_is_skipped_and_mismatch_refused(tmp_path):
         ck.restore(state, {"x": 2})
     ck.close()
     assert Checkpointer(str(tmp_path / "empty")).restore(state, {"x": 1}) is None
+
+
+def test_data_fingerprint_covers_the_prompt_files_content(tmp_path):
+    from configs import vcppo
+    from vcppo_jax.checkpoint import fingerprint, fingerprint_diff
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1", "answer": "2"}\n')
+    c = vcppo.get_config("smoke")
+    c.data.task = "math"
+    c.data.train_files = str(data)
+    before = fingerprint(c)
+    assert (
+        before["data.train_files_sha256"][str(data)]
+        == hashlib.sha256(data.read_bytes()).hexdigest()
+    )
+    assert fingerprint_diff(before, fingerprint(c)) == []
+    data.write_text('{"problem": "1+2", "answer": "3"}\n')  # Same path, other prompts.
+    (line,) = fingerprint_diff(before, fingerprint(c))
+    assert line.startswith("data.train_files_sha256: checkpoint has {")
+    assert before["data.train_files_sha256"][str(data)] in line
+    assert hashlib.sha256(data.read_bytes()).hexdigest() in line
+    # A checkpoint written before file hashes were recorded is not refused for lacking them.
+    old = {
+        k: v for k, v in before.items() if k not in ("data.train_files_sha256", "data.tfds_version")
+    }
+    assert fingerprint_diff(old, fingerprint(c)) == []

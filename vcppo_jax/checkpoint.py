@@ -11,6 +11,7 @@ of differing fields.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -64,7 +65,30 @@ def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
         for part in k.split("."):
             node = node[part]
         out[k] = node
+    files = [p for p in str(config.data.train_files).split(",") if p]
+    if config.data.task == "math" and files:
+        # The prompts themselves, not only their paths: an edited file is another data stream.
+        from vcppo_jax.data.math_prompts import MathPrompts
+
+        out["data.train_files_sha256"] = {p: file_digest(p) for p in files}
+        out["data.tfds_version"] = str(MathPrompts.VERSION)
     return out
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (hex), or "missing" when there is no such file."""
+    if not os.path.isfile(path):
+        return "missing"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Content fields (file hashes) that checkpoints written before they existed do not hold: such
+# a checkpoint is not compared on them (its data cannot be checked after the fact).
+CONTENT_FIELDS = ("data.train_files_sha256", "data.tfds_version")
 
 
 # Fields added to the fingerprint after checkpoints had been written without them: such a
@@ -81,7 +105,7 @@ def fingerprint_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """One line per fingerprint field whose saved and current values differ (empty: they agree).
     A field of ``ADDED_FIELDS`` that an older checkpoint lacks counts as saved at its listed
     value."""
-    keys = sorted(set(saved) | set(current))
+    keys = sorted(k for k in set(saved) | set(current) if k in saved or k not in CONTENT_FIELDS)
     saved = {**{k: v for k, v in ADDED_FIELDS.items() if k in current}, **saved}
     return [
         f"{k}: checkpoint has {saved.get(k)!r}, config has {current.get(k)!r}"
