@@ -486,3 +486,35 @@ def test_sigterm_during_the_final_evaluation_exits_143(tmp_path, monkeypatch):
         runner.run(c, str(tmp_path))
     assert info.value.code == 143
     assert [r["step"] for r in rows(str(tmp_path)) if r["stage"] == "eval"] == [0, 1]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_latest_checkpoint_falls_back_to_an_intact_one(full_run, tmp_path, damage):
+    """Damaged bytes in the newest checkpoint are found by its digests, reported in one line
+    naming the step and file, and the run resumes from the one before: same final metrics."""
+    import shutil
+
+    wd = str(tmp_path / "damaged")
+    shutil.copytree(full_run[0], wd)
+    ckpts = os.path.join(wd, "checkpoints")
+    latest = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert os.path.exists(os.path.join(ckpts, "digests", f"{latest}.json"))
+    data = os.path.join(ckpts, str(latest), "state", "d")
+    target = os.path.join(data, sorted(os.listdir(data))[0])
+    if damage == "flip":
+        with open(target, "r+b") as f:
+            f.seek(os.path.getsize(target) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x0F]))
+    elif damage == "truncate":
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) // 3)
+    else:
+        os.remove(target)
+    out = run_main(wd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rel = os.path.relpath(target, os.path.join(ckpts, str(latest)))
+    assert f"checkpoint step {latest} in {ckpts} is damaged ({rel}" in out.stderr
+    assert f"resumed from checkpoint {latest - 1}" in out.stderr
+    assert comparable(rows(wd)) == comparable(rows(full_run[0]))

@@ -14,10 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+DIGESTS_DIR = "digests"  # CHECKPOINT_DIR/digests/STEP.json: SHA-256 of each file of a step.
+
+
+class CheckpointDamagedError(RuntimeError):
+    """No checkpoint in the folder is intact."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -120,6 +127,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.restored_step: int | None = None  # The step the last restore() returned.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
@@ -131,10 +139,52 @@ class Checkpointer:
         """The step of the latest finished checkpoint, or None if there is none."""
         return self.manager.latest_step()
 
+    def _digest_path(self, step: int) -> str:
+        return os.path.join(self.directory, DIGESTS_DIR, f"{step}.json")
+
+    def _write_digests(self) -> None:
+        """Records the SHA-256 of every file of each finished checkpoint that has no record yet
+        (a checkpoint is finished once Orbax lists it, so its bytes are final)."""
+        if jax.process_index() != 0:
+            return
+        folder = os.path.join(self.directory, DIGESTS_DIR)
+        os.makedirs(folder, exist_ok=True)
+        steps = set(self.manager.all_steps())
+        for name in os.listdir(folder):  # Records of checkpoints since deleted.
+            if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) not in steps:
+                os.remove(os.path.join(folder, name))
+        for step in steps:
+            path = self._digest_path(step)
+            if not os.path.exists(path):
+                digests = step_digests(os.path.join(self.directory, str(step)))
+                with open(path + ".tmp", "w") as f:
+                    json.dump(digests, f)
+                os.replace(path + ".tmp", path)
+
+    def verify(self, step: int) -> str | None:
+        """None if checkpoint ``step``'s files match their recorded digests (or none were
+        recorded), else the first damaged or missing file, relative to the step's folder."""
+        path = self._digest_path(step)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                want = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            return os.path.relpath(path, self.directory)
+        got = step_digests(os.path.join(self.directory, str(step)))
+        for name in sorted(want):
+            if got.get(name) != want[name]:
+                return name + ("" if name in got else " (missing)")
+        return None
+
     def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> None:
         """Starts saving ``state`` and JSON ``meta`` as checkpoint ``step``; unserialisable ``meta``
-        raises here. ``force`` saves even where the manager's save policy would skip the step."""
+        raises here. ``force`` saves even where the manager's save policy would skip the step.
+        The previous save's files are digested first (they are final by then)."""
         json.dumps(meta)  # Fail here, not in a background thread, on unserialisable meta.
+        self.manager.wait_until_finished()
+        self._write_digests()
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -144,10 +194,36 @@ class Checkpointer:
         )
 
     def restore(self, abstract_state, fingerprint: dict[str, Any], step: int | None = None):
-        """-> (state, meta) of the latest (or given) finished checkpoint, or None if none."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None
+        """-> (state, meta) of the newest intact finished checkpoint (or of ``step``), or None
+        if there is none. A checkpoint whose files differ from their recorded digests, or that
+        Orbax cannot read, is reported in one line naming its step and file, and the one before
+        it is tried: damaged bytes are never restored."""
+        steps = sorted(self.manager.all_steps(), reverse=True) if step is None else [step]
+        for s in steps:
+            damaged = self.verify(s)
+            if damaged is None:
+                try:
+                    out = self._restore_step(s, abstract_state, fingerprint)
+                    self.restored_step = s
+                    return out
+                except CheckpointMismatchError:
+                    raise
+                except Exception as e:  # Orbax could not read it: truncated or missing files.
+                    damaged = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(
+                f"checkpoint step {s} in {self.directory} is damaged ({damaged}); "
+                + ("trying the one before" if s != steps[-1] else "no older one to try"),
+                file=sys.stderr,
+                flush=True,
+            )
+        if steps:
+            raise CheckpointDamagedError(
+                f"no intact checkpoint in {self.directory} (tried steps {steps}); move the "
+                "folder aside to start afresh"
+            )
+        return None
+
+    def _restore_step(self, step: int, abstract_state, fingerprint: dict[str, Any]):
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
             "meta"
         ]
@@ -164,10 +240,22 @@ class Checkpointer:
         return restored["state"], meta
 
     def wait(self) -> None:
-        """Blocks until every save in progress has finished."""
+        """Blocks until every save in progress has finished (and digests it)."""
         self.manager.wait_until_finished()
+        self._write_digests()
 
     def close(self) -> None:
-        """Waits for saves in progress to finish, then closes the manager."""
+        """Waits for saves in progress to finish, digests them, then closes the manager."""
         self.manager.wait_until_finished()
+        self._write_digests()
         self.manager.close()
+
+
+def step_digests(step_dir: str) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file under one checkpoint's folder."""
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, step_dir)] = file_digest(path)
+    return out

@@ -363,7 +363,7 @@ class Experiment:
         self.source.restore(meta.get("data", {}))
         self._truncate_metrics(meta["stage_index"], meta["stage_step"])
         print(
-            f"resumed from checkpoint {self._ckpt_step}: stage {meta['stage']}, "
+            f"resumed from checkpoint {self.checkpointer.restored_step}: stage {meta['stage']}, "
             f"step {meta['stage_step']}",
             file=sys.stderr,
             flush=True,
