@@ -98,7 +98,7 @@ def vp_title(key: str) -> str:
     return f"value pretraining: {key.split('/')[1].replace('_', ' ')}"
 
 
-# The collapse condition by PPO step (vcppo_jax.runner.mechanism_metrics): title -> keys.
+# The collapse condition by PPO step (vcppo_jax.stages.ppo.mechanism_metrics): title -> keys.
 MECHANISM_PANELS = (
     (
         "critic value on prefixes vs reward (short / long answers)",
