@@ -206,8 +206,7 @@ def summarise_run(wd: str) -> dict:
     lengths = [r["rollout/response_length_mean"] for r in ppo]
     if lengths:
         out["min_rollout_length"] = min(lengths)
-    # The collapse condition over the first MECHANISM_STEPS PPO steps (stages.ppo).
-    # mechanism_metrics: see vcppo_jax/stages/ppo.py.
+    # The collapse condition (stages/ppo.py) averaged over the first MECHANISM_STEPS PPO steps.
     for key in MECHANISM_KEYS:
         v = [r[f"mechanism/{key}"] for r in ppo[:MECHANISM_STEPS] if f"mechanism/{key}" in r]
         if v:
