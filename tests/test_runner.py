@@ -488,7 +488,14 @@ def test_sigterm_during_the_final_evaluation_exits_143(tmp_path, monkeypatch):
     assert [r["step"] for r in rows(str(tmp_path)) if r["stage"] == "eval"] == [0, 1]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "flip",
+        pytest.param("truncate", marks=pytest.mark.slow),
+        pytest.param("delete", marks=pytest.mark.slow),
+    ],
+)
 def test_a_damaged_latest_checkpoint_falls_back_to_an_intact_one(full_run, tmp_path, damage):
     """Damaged bytes in the newest checkpoint are found by its digests, reported in one line
     naming the step and file, and the run resumes from the one before: same final metrics."""
