@@ -12,13 +12,14 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 import ml_collections
 
 from vcppo_jax.advantages import ESTIMATORS
 from vcppo_jax.data.synthetic import LABELS
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
 from vcppo_jax.sampling import MATMULS
-from vcppo_jax.sharding import MESH_AXES
+from vcppo_jax.sharding import MESH_AXES, ShardingError, mesh_shape
 
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
 OFFSET_PROFILES = ("constant", "linear")
@@ -308,7 +309,7 @@ def validate_loop(check: Checker) -> None:
 def validate_mesh(check: Checker) -> None:
     """Mesh axis sizes (at most one -1) and the logical-axis rules (each naming known mesh axes)."""
     mesh_sizes = []
-    for axis in ("data", "fsdp", "tensor"):
+    for axis in MESH_AXES:
         size = check(
             f"mesh.{axis}",
             lambda x: isinstance(x, int) and not isinstance(x, bool) and (x == -1 or x >= 1),
@@ -320,13 +321,8 @@ def validate_mesh(check: Checker) -> None:
     elif None not in mesh_sizes and check.get("distributed") is False:
         # One process: the devices are all here, so the mesh can be checked now (a
         # multi-process run sees its devices only after jax.distributed.initialize).
-        import jax
-
-        from vcppo_jax.sharding import ShardingError, mesh_shape
-
         try:
-            mesh_shape(dict(zip(("data", "fsdp", "tensor"), mesh_sizes, strict=True)),
-                       jax.device_count())  # fmt: skip
+            mesh_shape(dict(zip(MESH_AXES, mesh_sizes, strict=True)), jax.device_count())
         except ShardingError as e:
             check.problem(f"mesh: {e} (on {jax.default_backend()})")
     rules = check.get("mesh.rules")

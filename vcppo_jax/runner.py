@@ -96,17 +96,6 @@ class Experiment:
             matmul=config.rollout.decode_matmul,
         )
         self.greedy_params = dataclasses.replace(self.sampling_params, temperature=0.0)
-        self.actor_settings = updates.ActorSettings(
-            eps_low=config.ppo.eps_low,
-            eps_high=config.ppo.eps_high,
-            dual_clip=config.ppo.dual_clip,
-            agg_mode=config.ppo.loss_agg_mode,
-            entropy_coef=config.ppo.entropy_coef,
-            kl_coef=config.ppo.kl_coef,
-            kl_estimator=config.ppo.kl_estimator,
-            positive_nll_coef=config.ppo.positive_nll_coef,
-            temperature=config.rollout.temperature or 1.0,
-        )
         self._stage_settings()
         self._init_states()
 
@@ -127,7 +116,17 @@ class Experiment:
             c.value_pretrain.lambda_, c.gae.gamma, c.ppo.epochs, c.ppo.loss_agg_mode
         )
         self.ppo_settings = ppo_stage.Settings(
-            actor=self.actor_settings,
+            actor=updates.ActorSettings(
+                eps_low=c.ppo.eps_low,
+                eps_high=c.ppo.eps_high,
+                dual_clip=c.ppo.dual_clip,
+                agg_mode=c.ppo.loss_agg_mode,
+                entropy_coef=c.ppo.entropy_coef,
+                kl_coef=c.ppo.kl_coef,
+                kl_estimator=c.ppo.kl_estimator,
+                positive_nll_coef=c.ppo.positive_nll_coef,
+                temperature=c.rollout.temperature or 1.0,
+            ),
             estimator=c.advantage.estimator,
             gamma=c.gae.gamma,
             lambda_actor=c.gae.lambda_actor,
@@ -136,7 +135,6 @@ class Experiment:
             whiten_advantages=c.gae.whiten_advantages,
             epochs=c.ppo.epochs,
             value_clip=c.ppo.value_clip,
-            kl_coef=c.ppo.kl_coef,
             dynamic_sampling=c.rollout.dynamic_sampling,
             samples_per_prompt=c.rollout.samples_per_prompt,
         )

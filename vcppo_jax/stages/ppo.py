@@ -35,7 +35,6 @@ class Settings:
     whiten_advantages: bool = True
     epochs: int = 1
     value_clip: float | None = None
-    kl_coef: float = 0.0
     dynamic_sampling: bool = False
     samples_per_prompt: int = 1
 
@@ -114,7 +113,7 @@ def score(
         )
     }
     ref_logp = old_logp
-    if settings.kl_coef > 0:
+    if settings.actor.kl_coef > 0:
         ref_logp = updates.score_rollout(
             ctx.model_config, states.reference, batch.tokens, batch.positions, temp
         )
