@@ -58,3 +58,57 @@ def test_data_fingerprint_covers_the_prompt_files_content(tmp_path):
         k: v for k, v in before.items() if k not in ("data.train_files_sha256", "data.tfds_version")
     }
     assert fingerprint_diff(old, fingerprint(c)) == []
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_and_the_last_checkpoint_kept(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from vcppo_jax import checkpoint
+    from vcppo_jax.checkpoint import CheckpointSaveError
+
+    d = str(tmp_path / "ckpt")
+    state = {"w": jnp.arange(1000.0)}
+    ck = Checkpointer(d)
+    ck.save(1, state, {"fingerprint": {}})
+    ck.wait()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    with pytest.raises(CheckpointSaveError) as info:
+        ck.save(2, {"w": state["w"] * 2}, {"fingerprint": {}})
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert f"saving checkpoint step 2 in {d} failed (No space left on device: 0.0 MiB free" in msg
+    assert "checkpoint step 1 is intact" in msg
+    ck.close()
+    monkeypatch.undo()
+    ck = Checkpointer(d)
+    assert ck.latest_step() == 1
+    restored, _ = ck.restore(state, {})
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(1000.0))
+    ck.close()
+
+
+def test_a_save_that_fails_in_the_background_is_reported_in_one_line(tmp_path, monkeypatch):
+    """A write error inside the asynchronous save (as TensorStore reports a full disk)
+    surfaces at the next save or wait as ``CheckpointSaveError`` naming the step and cause."""
+    import errno
+
+    from vcppo_jax.checkpoint import CheckpointSaveError
+
+    d = str(tmp_path / "ckpt")
+    state = {"w": jnp.arange(4.0)}
+    ck = Checkpointer(d)
+    ck.save(1, state, {"fingerprint": {}})
+    ck.wait()
+
+    def fail():
+        raise ValueError(
+            'OUT_OF_RANGE: Error writing "w/0" in OCDBT database: Failed to write 36486 bytes '
+            f"to file 9: No space left on device [os_error_code='{errno.ENOSPC}']"
+        )
+
+    ck.save(2, state, {"fingerprint": {}})
+    monkeypatch.setattr(ck.manager, "wait_until_finished", fail)
+    with pytest.raises(CheckpointSaveError, match=r"step 2 .* failed \(No space left on device\)"):
+        ck.wait()
+    ck.close()  # After a reported failure, closing neither raises nor waits again.

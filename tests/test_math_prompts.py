@@ -55,6 +55,16 @@ def test_malformed_rows_name_file_and_line(tmp_path):
         list(mp.read_rows(str(bad)))
     with pytest.raises(mp.DataError, match="no such file"):
         list(mp.read_rows(str(tmp_path / "missing.jsonl")))
+    bad.write_bytes(b"\xff\xfe{}\n")
+    with pytest.raises(mp.DataError, match=r"bad.jsonl: not UTF-8 text"):
+        list(mp.read_rows(str(bad)))
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(mp.DataError, match=r"dir.jsonl: is a directory"):
+        list(mp.read_rows(str(tmp_path / "dir.jsonl")))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(mp.DataError, match=r"empty.jsonl: holds no rows"):
+        mp.build_dataset([str(empty)], str(tmp_path / "tfds"))
     corrupt = tmp_path / "c.parquet"
     corrupt.write_bytes(b"PAR1 not really")
     with pytest.raises(mp.DataError, match="not a readable Parquet file"):

@@ -1,5 +1,6 @@
 """Answer extraction, verification (with a hanging verifier) and terminal rewards."""
 
+import signal
 import time
 
 import numpy as np
@@ -171,6 +172,51 @@ def test_verifier_timeout_and_crash_count_as_incorrect():
         assert res.timeouts == 1 and res.errors == 1
         res = v(["5"], ["5"])  # A fresh pool after the hang.
         assert res.correct.tolist() == [True]
+    finally:
+        v.close()
+
+
+def _slow_or_hang(pred, gold):
+    if pred.startswith("slow"):
+        time.sleep(0.3)
+    if pred.startswith("hang"):
+        time.sleep(60)
+    return pred.split()[-1] == gold
+
+
+def test_queued_answers_are_not_charged_for_waiting_and_counts_repeat():
+    """Each answer's clock starts when a worker starts it: 4 answers that hang (cut off at 1.5 s
+    each) and 4 that take 0.3 s, on 2 workers, delay the 4 quick answers behind them by ~4 s,
+    yet only the hanging ones time out, on every identical call."""
+    v = rewards.MathVerifier(workers=2, timeout_s=1.5, verify_fn=_slow_or_hang)
+    texts = ["hang 1"] * 4 + ["slow 2"] * 4 + ["3"] * 4
+    golds = ["1"] * 4 + ["2"] * 4 + ["3"] * 4
+    try:
+        for _ in range(2):
+            res = v(texts, golds)
+            assert res.timeouts == 4 and res.errors == 0
+            np.testing.assert_array_equal(res.correct, [False] * 4 + [True] * 8)
+    finally:
+        v.close()
+
+
+def _hang_beyond_the_timer(pred, gold):
+    if pred == "stuck":  # Like a hang inside C code: the worker's alarm never lands.
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+        time.sleep(60)
+    return pred == gold
+
+
+def test_a_worker_stuck_beyond_the_timer_is_cut_off_by_the_batch_deadline(monkeypatch):
+    monkeypatch.setattr(rewards, "BATCH_SLACK_S", 1.0)
+    v = rewards.MathVerifier(workers=2, timeout_s=1.0, verify_fn=_hang_beyond_the_timer)
+    try:
+        t0 = time.time()
+        res = v(["stuck", "4", "5"], ["1", "4", "6"])
+        assert time.time() - t0 < 15
+        np.testing.assert_array_equal(res.correct, [False, True, False])
+        assert res.timeouts == 1 and res.errors == 0
+        assert v(["7"], ["7"]).correct.tolist() == [True]  # A fresh pool after the hang.
     finally:
         v.close()
 

@@ -165,6 +165,64 @@ def test_a_locked_workdir_is_refused_at_once(tmp_path):
     assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
 
 
+def test_unusable_workdirs_and_data_files_end_in_one_line(tmp_path):
+    """A workdir that is a file, and an empty or non-UTF-8 prompt file: one ``error:`` line
+    naming the path, exit 1, no traceback unless --verbosity=1 asks for it."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a directory")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00{}\n")
+    math = ["--config.data.task=math", f"--config.model.hf_path={tmp_path}"]
+    cases = [
+        ((str(afile),), f"--workdir {afile}: exists and is not a directory"),
+        ((str(tmp_path / "a"), *math, f"--config.data.train_files={empty}"), f"{empty}: holds no"),
+        ((str(tmp_path / "b"), *math, f"--config.data.train_files={binary}"), f"{binary}: not UTF"),
+    ]
+    for (wd, *flags), want in cases:
+        out = run_main(wd, *flags, timeout=120)
+        assert out.returncode == 1, out.stderr[-2000:]
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {want}"), out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+    out = run_main(str(afile), "--verbosity=1", timeout=120)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "WorkdirError" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_save_ends_in_one_line_and_the_rerun_resumes_intact(full_run, tmp_path):
+    """A real write failure in the middle of a checkpoint (files capped at 100 kB by
+    RLIMIT_FSIZE, as a full disk fails a write): one error line naming the step and cause,
+    exit 1; the previous checkpoint stays usable and the rerun ends as an uninterrupted run."""
+    import resource
+
+    wd = str(tmp_path / "full_disk")
+    first = run_main(wd, "--config.stop_after_steps=8")
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def cap_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # A failed write, not a killed process.
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    capped = subprocess.run(
+        main_cmd(wd),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=cap_file_size,
+    )
+    assert capped.returncode == 1, capped.stderr[-3000:]
+    errors = [line for line in capped.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "(File too large)" in errors[0], capped.stderr[-3000:]
+    assert "saving checkpoint step 5 in" in errors[0] and "checkpoint step 4 is intact" in errors[0]
+    rerun = run_main(wd)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from checkpoint 4" in rerun.stderr
+    assert comparable(rows(wd)) == comparable(rows(full_run[0]))
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(full_run, tmp_path):
     wd_full, _ = full_run
     wd = str(tmp_path / "term")

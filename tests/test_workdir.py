@@ -39,3 +39,19 @@ def test_record_config_lists_changes_only_on_resume(tmp_path, capsys):
     assert rec["resumed_at"] == "ppo step 10" and rec["changed"] == changes
     with open(os.path.join(wd, "config.json")) as f:
         assert f.read() == b
+
+
+def test_unusable_workdirs_are_refused_naming_the_path(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(workdir.WorkdirError, match="exists and is not a directory"):
+        workdir.prepare(str(afile))
+    with pytest.raises(workdir.WorkdirError, match=r"cannot create .*afile.* \(Not a directory\)"):
+        workdir.prepare(str(afile / "sub"))
+    if os.geteuid() != 0:  # Permissions do not bind root.
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(workdir.WorkdirError, match=r"ro: not writable \(Permission denied\)"):
+            workdir.prepare(str(ro))
+    workdir.prepare(str(tmp_path / "new" / "deeper"))
+    assert os.listdir(tmp_path / "new" / "deeper") == []  # The write probe is removed.

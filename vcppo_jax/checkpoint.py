@@ -11,9 +11,13 @@ of differing fields.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import sys
 from typing import Any
 
@@ -25,6 +29,10 @@ DIGESTS_DIR = "digests"  # CHECKPOINT_DIR/digests/STEP.json: SHA-256 of each fil
 
 class CheckpointDamagedError(RuntimeError):
     """No checkpoint in the folder is intact."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the ones before it are intact."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -128,6 +136,8 @@ class Checkpointer:
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.restored_step: int | None = None  # The step the last restore() returned.
+        self._pending: int | None = None  # The step being saved in the background.
+        self._failed = False  # A save failed (and was reported): close() only tidies up.
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
@@ -181,16 +191,71 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> None:
         """Starts saving ``state`` and JSON ``meta`` as checkpoint ``step``; unserialisable ``meta``
         raises here. ``force`` saves even where the manager's save policy would skip the step.
-        The previous save's files are digested first (they are final by then)."""
+        The previous save's files are digested first (they are final by then). A save that
+        fails (now or in the background) raises ``CheckpointSaveError``."""
         json.dumps(meta)  # Fail here, not in a background thread, on unserialisable meta.
-        self.manager.wait_until_finished()
-        self._write_digests()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=force,
+        self._finish()
+        self._pending = step
+        self._check_space(state)
+        with self._reporting_failure():
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=force,
+            )
+
+    def _finish(self) -> None:
+        """Waits for the save in progress and digests it, turning a failure into
+        ``CheckpointSaveError``."""
+        with self._reporting_failure():
+            self.manager.wait_until_finished()
+            self._write_digests()
+        self._pending = None
+
+    def _check_space(self, state) -> None:
+        """Refuses (``CheckpointSaveError``) to start a save the disk cannot hold: a whole new
+        checkpoint is written before the oldest is deleted. Its size is the newest checkpoint's
+        on disk, or the arrays' bytes when there is none yet."""
+        steps = self.manager.all_steps()
+        if steps:
+            folder = os.path.join(self.directory, str(max(steps)))
+            need = sum(
+                os.path.getsize(os.path.join(root, f))
+                for root, _, files in os.walk(folder)
+                for f in files
+            )
+        else:
+            need = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(state))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            self._failed = True
+            raise CheckpointSaveError(
+                self._failure_message(
+                    f"{os.strerror(errno.ENOSPC)}: {free / 2**20:.1f} MiB free, "
+                    f"~{need / 2**20:.1f} MiB needed"
+                )
+            )
+
+    @contextlib.contextmanager
+    def _reporting_failure(self):
+        try:
+            yield
+        except Exception as error:
+            self._failed = True
+            raise CheckpointSaveError(self._failure_message(_reason(error))) from error
+
+    def _failure_message(self, reason: str) -> str:
+        intact = [s for s in self.manager.all_steps() if s != self._pending]
+        keep = (
+            f"checkpoint step {max(intact)} is intact and a rerun resumes from it"
+            if intact
+            else "there is no earlier checkpoint: a rerun starts afresh"
+        )
+        return (
+            f"saving checkpoint step {self._pending} in {self.directory} failed ({reason}); "
+            f"{keep} once the cause is fixed"
         )
 
     def restore(self, abstract_state, fingerprint: dict[str, Any], step: int | None = None):
@@ -241,14 +306,31 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until every save in progress has finished (and digests it)."""
-        self.manager.wait_until_finished()
-        self._write_digests()
+        self._finish()
 
     def close(self) -> None:
-        """Waits for saves in progress to finish, digests them, then closes the manager."""
-        self.manager.wait_until_finished()
-        self._write_digests()
-        self.manager.close()
+        """Waits for saves in progress to finish, digests them, then closes the manager. After
+        a failed save (already raised) it only closes."""
+        try:
+            if not self._failed:
+                self._finish()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failed:
+                    raise
+
+
+def _reason(error: Exception) -> str:
+    """A failed save's cause in a few words: the OS error's text where there is one."""
+    code = re.search(r"os_error_code='?(\d+)", str(error))  # TensorStore's OS errors.
+    if isinstance(error, OSError) and error.errno:
+        return os.strerror(error.errno)
+    if code:
+        return os.strerror(int(code.group(1)))
+    first = str(error).splitlines()[0][:200] if str(error) else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def step_digests(step_dir: str) -> dict[str, str]:

@@ -3,12 +3,18 @@ r"""Entry point: ``python -m vcppo_jax.main --config=configs/vcppo.py:tiny --wor
 Every config field can be overridden, e.g. ``--config.gae.lambda_actor=0.99``. The config is
 validated before anything runs; ``--validate_only`` prints the resolved config and exits.
 Running again on the same ``--workdir`` resumes from its latest checkpoint.
+
+An error the user can act on (bad config, workdir, data file or checkpoint, a full disk) ends
+the run with one ``error:`` line and exit status 1 (2 for a bad config); ``--verbosity=1``
+shows the traceback as well.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.util
+import os
 import sys
 
 from absl import app, flags, logging
@@ -30,7 +36,12 @@ def main(argv: list[str]) -> None:
     runs the experiment in ``--workdir``."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+    verbose = flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
+    if not verbose:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
+        # A failed save is reported once, in one line, by the checkpointer; Orbax would log
+        # each of its background threads' tracebacks as well.
+        logging.get_absl_logger().addFilter(_not_from_orbax)
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/vcppo.py:tiny")
@@ -45,13 +56,50 @@ def main(argv: list[str]) -> None:
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required to run an experiment")
     from vcppo_jax import runner
-    from vcppo_jax.workdir import WorkdirLockedError
 
     try:
         runner.run(config, _WORKDIR.value)
-    except WorkdirLockedError as e:  # Nothing was touched: say so in one line.
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = user_error(e)
+        if message is None or verbose:  # A bug, or asked for: the whole traceback.
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
+
+
+def _not_from_orbax(record) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+# OS errors that say what is wrong with the machine, not with the code.
+_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message for an error a user can act on (a locked, unwritable or misnamed
+    workdir, a bad data file, a damaged or mismatched checkpoint, a failed save, a full disk),
+    or None for anything else (a bug: its traceback is shown)."""
+    from vcppo_jax.checkpoint import (
+        CheckpointDamagedError,
+        CheckpointMismatchError,
+        CheckpointSaveError,
+    )
+    from vcppo_jax.data.math_prompts import DataError
+    from vcppo_jax.workdir import WorkdirError
+
+    known = (
+        WorkdirError,
+        DataError,
+        CheckpointDamagedError,
+        CheckpointMismatchError,
+        CheckpointSaveError,
+    )
+    if isinstance(e, known):
+        return str(e)
+    if isinstance(e, OSError) and e.errno in _OS_ERRNOS:
+        where = f"{e.filename}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    return None
 
 
 def _paths(config, prefix: str = "") -> list[str]:

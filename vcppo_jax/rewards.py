@@ -4,14 +4,24 @@ Extraction tries, in order: the last ``\\boxed{...}``, the last ``Answer: ...`` 
 number. Verification is exact (after normalising whitespace and numbers) for the synthetic tasks,
 and ``math-verify`` for LaTeX answers, run in a process pool with a per-answer timeout: a
 verifier that hangs or crashes scores as incorrect and is counted.
+
+The timeout is each answer's own: its clock starts when a worker starts that answer (a
+``SIGALRM`` timer in the worker), so answers queued behind slow ones are never charged for
+the wait, and identical input gives identical counts. A worker stuck where the timer cannot
+reach it (inside C code) is caught by a batch deadline on the caller's side, which allows
+every answer its full timeout: ``ceil(B / workers)`` rounds of ``timeout_s`` plus
+``BATCH_SLACK_S``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import multiprocessing
 import re
+import signal
+import time
 
 import numpy as np
 
@@ -88,6 +98,35 @@ def _ready() -> bool:
 
 
 STARTUP_TIMEOUT_S = 300.0
+BATCH_SLACK_S = 10.0  # Beyond the batch's rounds of timeouts: process and pickling overhead.
+
+
+class _AnswerTimeout(Exception):
+    """Raised in a worker when one answer's own time runs out."""
+
+
+def _on_alarm(signum, frame):
+    raise _AnswerTimeout
+
+
+def _timed_verify(verify_fn, timeout_s: float, text: str, gold: str) -> str:
+    """In a worker: ``verify_fn(text, gold)`` with a clock that starts now. -> "correct",
+    "wrong", "timeout" or "error" (the verifier raised)."""
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        try:
+            return "correct" if verify_fn(text, gold) else "wrong"
+        except _AnswerTimeout:
+            return "timeout"
+        except Exception:
+            return "error"
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _AnswerTimeout:  # The alarm fired between the answer's end and the timer's reset.
+        return "timeout"
+    finally:
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclasses.dataclass
@@ -144,18 +183,24 @@ class MathVerifier:
     def __call__(self, texts: list[str], golds: list[str]) -> VerifyResult:
         pool = self._get_pool()
         pairs = zip(texts, golds, strict=True)
-        futures = [pool.submit(self.verify_fn, t, g) for t, g in pairs]
+        futures = [
+            pool.submit(_timed_verify, self.verify_fn, self.timeout_s, t, g) for t, g in pairs
+        ]
+        rounds = math.ceil(len(texts) / self.workers)
+        deadline = time.monotonic() + rounds * self.timeout_s + BATCH_SLACK_S
         correct = np.zeros(len(texts), bool)
         timeouts = errors = 0
         hung = False
         for i, fut in enumerate(futures):
             try:
-                correct[i] = fut.result(timeout=self.timeout_s)
-            except cf.TimeoutError:
-                timeouts += 1
-                hung = True
-            except Exception:  # A crash in the verifier scores as incorrect.
-                errors += 1
+                outcome = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except cf.TimeoutError:  # Stuck beyond the timer's reach (in C code).
+                outcome, hung = "timeout", True
+            except Exception:  # The worker process itself died.
+                outcome = "error"
+            correct[i] = outcome == "correct"
+            timeouts += outcome == "timeout"
+            errors += outcome == "error"
         if hung:  # A stuck worker would block later calls: start a fresh pool.
             self._reset()
         return VerifyResult(correct, timeouts, errors)

@@ -638,7 +638,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
                 process_id=int(env["VCPPO_PROCESS_ID"]),
             )
         jax.distributed.initialize(**kwargs)
-    os.makedirs(workdir, exist_ok=True)
+    workdir_lib.prepare(workdir)
     lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
     if lock is not None:
         lock.acquire()

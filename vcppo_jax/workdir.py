@@ -26,8 +26,31 @@ CONFIG_FILE = "config.json"
 RESUMES_FILE = "resumes.jsonl"
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirError(RuntimeError):
+    """A workdir that cannot be used: not a directory, not writable, or held by another run."""
+
+
+class WorkdirLockedError(WorkdirError):
     """Another live run holds the workdir."""
+
+
+def prepare(workdir: str) -> None:
+    """Creates ``workdir`` if needed and checks that files can be written in it; raises
+    ``WorkdirError`` naming the path and the reason otherwise."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir {workdir}: exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        where = e.filename or workdir
+        raise WorkdirError(f"--workdir {workdir}: cannot create {where} ({e.strerror})") from e
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"--workdir {workdir}: not writable ({e.strerror})") from e
 
 
 class WorkdirLock:

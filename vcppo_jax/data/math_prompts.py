@@ -46,24 +46,21 @@ def _pick(row: dict, keys: Sequence[str], where: str, what: str) -> str:
 
 def read_rows(path: str) -> Iterator[dict[str, str]]:
     """Yields {"problem", "answer"} from a .jsonl or .parquet file, with file/line errors."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a prompt file")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     if path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-                yield {
-                    "problem": _pick(row, PROBLEM_KEYS, where, "problem"),
-                    "answer": _pick(row, ANSWER_KEYS, where, "answer"),
-                }
+        try:
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    yield _json_row(line, f"{path}:{lineno}")
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e.strerror})") from e
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start} of a line)") from e
     elif path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
@@ -79,6 +76,30 @@ def read_rows(path: str) -> Iterator[dict[str, str]]:
             }
     else:
         raise DataError(f"{path}: expected a .jsonl or .parquet file")
+
+
+def _json_row(line: str, where: str) -> dict[str, str]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from e
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return {
+        "problem": _pick(row, PROBLEM_KEYS, where, "problem"),
+        "answer": _pick(row, ANSWER_KEYS, where, "answer"),
+    }
+
+
+def check_files(source_files: Sequence[str]) -> dict[str, int]:
+    """Reads every row of every file (a prompt set is small) so that a bad file is reported
+    naming it before any dataset is built. -> rows per file; an empty file is an error."""
+    counts = {}
+    for path in source_files:
+        counts[path] = sum(1 for _ in read_rows(path))
+        if counts[path] == 0:
+            raise DataError(f"{path}: holds no rows (the file is empty)")
+    return counts
 
 
 class MathPrompts(tfds.core.GeneratorBasedBuilder):
@@ -112,10 +133,9 @@ class MathPrompts(tfds.core.GeneratorBasedBuilder):
 def build_dataset(source_files: Sequence[str], data_dir: str, name: str | None = None):
     """Builds (once) and returns the builder. The dataset's name and version folder depend on
     the source files' contents, so changed files give a new dataset rather than a stale one."""
+    check_files(source_files)
     digest = hashlib.sha1()
     for path in source_files:
-        if not os.path.isfile(path):
-            raise DataError(f"{path}: no such file")
         with open(path, "rb") as f:
             digest.update(f.read())
     config_name = name or f"src_{digest.hexdigest()[:12]}"

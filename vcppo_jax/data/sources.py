@@ -105,6 +105,7 @@ class MathSource:
     ):
         if not train_files:
             raise math_prompts.DataError("data.train_files: no files given for data.task='math'")
+        math_prompts.check_files(eval_files)  # The training files are checked by the build.
         self.builder = math_prompts.build_dataset(train_files, tfds_dir)
         self.data = self.builder.as_data_source(split="train")
         self.iterator = math_prompts.PromptIterator(len(self.data), batch_size, seed)
