@@ -175,6 +175,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Where value pretraining starts: "policy" (the SFT policy's backbone, fresh value head),
     # "reward_model" (as in the paper) or "random".
     c.value_pretrain.init = "policy"
+    # "steps": exactly value_pretrain.steps; "plateau": stop once value loss and explained
+    # variance stop improving (stages/value_pretrain.py), value_pretrain.steps the cap.
+    c.value_pretrain.until = "steps"
+    c.value_pretrain.plateau_window = 10
+    c.value_pretrain.plateau_tol = 0.01
 
     # Evaluation, logging, checkpoints.
     c.eval = ml_collections.ConfigDict()

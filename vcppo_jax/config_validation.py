@@ -218,6 +218,9 @@ def validate_critic(check: Checker) -> None:
     check("value_pretrain.steps", non_negative_int, "an integer >= 0")
     check("value_pretrain.lambda_", unit, "a number in [0, 1]")
     check("value_pretrain.init", *one_of(("policy", "reward_model", "random")))
+    check("value_pretrain.until", *one_of(("steps", "plateau")))
+    check("value_pretrain.plateau_window", positive_int, "an integer >= 1")
+    check("value_pretrain.plateau_tol", non_negative, "a number >= 0")
     if check.get("model.hf_path"):
         for field in ("critic.init", "value_pretrain.init"):
             pretrained = init == "value_pretrain"

@@ -115,6 +115,10 @@ class Experiment:
         self.vp_settings = value_pretrain_stage.Settings(
             c.value_pretrain.lambda_, c.gae.gamma, c.ppo.epochs, c.ppo.loss_agg_mode
         )
+        self.vp_stop = value_pretrain_stage.StopRule(
+            c.value_pretrain.until, c.value_pretrain.plateau_window, c.value_pretrain.plateau_tol
+        )
+        self._vp_history: list[list[float]] = []  # [value loss, explained variance] per step.
         self.ppo_settings = ppo_stage.Settings(
             actor=updates.ActorSettings(
                 eps_low=c.ppo.eps_low,
@@ -338,6 +342,7 @@ class Experiment:
             "stages": self.stages,
             "fingerprint": fingerprint(self.config),
             "data": self.source.state(),
+            "vp_history": self._vp_history,
         }
         self._ckpt_step += 1
         self.checkpointer.save(self._ckpt_step, self.states, meta, force=force)
@@ -359,6 +364,7 @@ class Experiment:
         self.states = tree
         self._resumed_at = f"{meta['stage']} step {meta['stage_step']}"
         self.source.restore(meta.get("data", {}))
+        self._vp_history = meta.get("vp_history", [])
         self._truncate_metrics(meta["stage_index"], meta["stage_step"])
         print(
             f"resumed from checkpoint {self.checkpointer.restored_step}: stage {meta['stage']}, "
@@ -451,7 +457,32 @@ class Experiment:
         self.states.critic, m = value_pretrain_stage.step(
             self.ctx, self.states.critic, self.states.policy.params, self.vp_settings, key, rng
         )
+        self._vp_history.append(
+            [float(m["critic/value_loss"]), float(m["critic/explained_variance"])]
+        )
+        gains = value_pretrain_stage.plateau_gains(self._vp_history, self.vp_stop.window)
+        if gains is not None:
+            m["critic/plateau_loss_gain"], m["critic/plateau_ev_gain"] = gains
         return m
+
+    def _stage_converged(self, stage: str, step: int) -> bool:
+        """Whether ``stage`` ends before its step count (value pretraining's plateau rule)."""
+        if stage != "value_pretrain" or not value_pretrain_stage.plateaued(
+            self._vp_history, self.vp_stop
+        ):
+            return False
+        if jax.process_index() == 0:
+            loss_gain, ev_gain = value_pretrain_stage.plateau_gains(
+                self._vp_history, self.vp_stop.window
+            )
+            print(
+                f"value pretraining converged after step {step + 1}: over the last "
+                f"{self.vp_stop.window} steps the value loss fell {loss_gain:.2%} and the "
+                f"explained variance rose {ev_gain:+.3f} (both under {self.vp_stop.tol})",
+                file=sys.stderr,
+                flush=True,
+            )
+        return True
 
     def run_ppo_step(self, step: int) -> dict:
         """PPO step ``step`` (stages/ppo.py); writes the position profile at step 0."""
@@ -494,6 +525,8 @@ class Experiment:
             self.states.reward_model = self._new_state(
                 self._on_policy_backbone(self.states.reward_model.params), self.rm_tx
             )
+        if stage == "value_pretrain":
+            self._vp_history = []
         if stage == "ppo":
             # The critic's optimiser starts afresh; the reference is the starting policy.
             self.states.critic = self._new_state(self.states.critic.params, self.critic_tx)
@@ -576,7 +609,7 @@ class Experiment:
                     row = self.metrics.write(step, stage, step_fn(step))
                     if jax.process_index() == 0:
                         progress.update(step, row, keys[stage])
-                    last = step + 1 == total
+                    last = step + 1 == total or self._stage_converged(stage, step)
                     if last:
                         self._exit_stage(stage)
                     steps_this_run += 1
@@ -597,6 +630,8 @@ class Experiment:
                         if self._stop_requested:
                             sys.exit(143)
                         return
+                    if last:  # Also when the stage converged before its step count.
+                        break
                 if stage == "ppo" and start < total:
                     self.metrics.write(total, "eval", self.evaluate(total))
             if self._stop_requested:  # SIGTERM during an evaluation after the last step.

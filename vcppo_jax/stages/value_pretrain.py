@@ -1,5 +1,13 @@
 """Value pretraining (VC-PPO section 4.1): responses from the fixed SFT policy, the critic
-regressed on their Monte Carlo returns (GAE with lambda = ``Settings.lambda_``, 1 in the paper)."""
+regressed on their Monte Carlo returns (GAE with lambda = ``Settings.lambda_``, 1 in the paper).
+
+The paper pretrains "until value loss and explained variance converge". With
+``value_pretrain.until = "plateau"`` the stage stops at the first step where, over the last
+``window`` steps against the ``window`` before them, the mean value loss fell by less than
+``tol`` (relative) and the mean explained variance rose by less than ``tol`` (absolute);
+``value_pretrain.steps`` caps it. Both gains are logged every step once defined
+(``critic/plateau_loss_gain``, ``critic/plateau_ev_gain``).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +30,33 @@ class Settings:
     gamma: float
     epochs: int  # Passes over each batch (ppo.epochs), in ppo.minibatches minibatches.
     agg_mode: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When value pretraining ends (``value_pretrain.until``, ``plateau_window``, ``_tol``)."""
+
+    until: str  # "steps": run value_pretrain.steps; "plateau": stop earlier once converged.
+    window: int
+    tol: float
+
+
+def plateau_gains(history: list[list[float]], window: int) -> tuple[float, float] | None:
+    """(relative value-loss fall, explained-variance rise) of the mean over the last ``window``
+    steps against the ``window`` before; None until there are ``2 * window`` steps.
+    ``history`` holds one ``[value_loss, explained_variance]`` per step."""
+    if len(history) < 2 * window:
+        return None
+    h = np.asarray(history[-2 * window :], np.float64)
+    before, last = h[:window].mean(axis=0), h[window:].mean(axis=0)
+    loss_gain = (before[0] - last[0]) / max(abs(before[0]), 1e-12)
+    return float(loss_gain), float(last[1] - before[1])
+
+
+def plateaued(history: list[list[float]], rule: StopRule) -> bool:
+    """Whether ``rule`` ends value pretraining after the steps in ``history``."""
+    gains = plateau_gains(history, rule.window)
+    return rule.until == "plateau" and gains is not None and max(gains) < rule.tol
 
 
 def step(
