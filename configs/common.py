@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward_model.steps = 600  # Tiny: ~85% held-out sign accuracy on full answers.
     c.reward_model.batch_size = 64
     c.reward_model.learning_rate = 1e-3
+    # Held-out separation of right from wrong answers (rm/heldout_accuracy*): every this many
+    # steps (0 = only after the last) on this many problems never trained on, 4 answers each.
+    c.reward_model.eval_every = 50
+    c.reward_model.eval_problems = 64
     # "policy": the SFT policy's backbone with a fresh value head (how reward models are usually
     # initialised); "random".
     c.reward_model.init = "policy"
@@ -226,6 +230,7 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
         "sft.batch_size": 16,
         "reward_model.steps": 3,
         "reward_model.batch_size": 16,
+        "reward_model.eval_problems": 4,
         "value_pretrain.steps": 3,
         "eval.every_steps": 3,
         "eval.num_prompts": 8,

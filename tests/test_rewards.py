@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from vcppo_jax import rewards
+from vcppo_jax import rewards, rollout
 from vcppo_jax.data.synthetic import LABELS, AdditionTask, sft_examples
 
 
@@ -243,3 +243,31 @@ def test_format_penalty_only_where_no_answer():
         format_penalty=0.5,
     )
     np.testing.assert_allclose(r[:, -1], [1.0, -1.0, -1.5])
+
+
+def test_reward_model_heldout_set_and_separation():
+    from vcppo_jax.stages import reward_model as rm
+
+    task = AdditionTask(5, 1)
+    prompts, responses, right, written = rm.heldout_set(task, 6)
+    assert len(responses) == 24 and right.sum() == 12 and written.sum() == 12
+    assert len(set(prompts)) == 6
+    problems = {p.prompt: p for p in task.problems(6, rm.HELDOUT_SEED)}
+    for prompt, text, ok, full in zip(prompts, responses, right, written, strict=True):
+        assert rewards.exact_match(text, problems[prompt].answer) == ok
+        assert rollout.is_direct(text) != full
+    settings = rm.Settings(4, 0.3, 1.0, -1.0)
+    scores = np.array([0.9, -0.2, 0.1, 0.4, -0.5, -0.7, 0.3, 0.2])
+    r = np.array([True, False, True, False, True, False, True, False])
+    w = np.array([True, True, True, True, False, False, False, False])
+    got = rm.separation(scores, r, w, settings)
+    # By hand: written 0.9 ok, -0.2 ok, 0.1 ok, 0.4 wrong; direct -0.5 wrong, -0.7 ok, 0.3 ok,
+    # 0.2 wrong.
+    assert got["rm/heldout_accuracy_written"] == 0.75
+    assert got["rm/heldout_accuracy_direct"] == 0.5
+    assert got["rm/heldout_accuracy"] == 0.625
+    np.testing.assert_allclose(got["rm/heldout_margin"], (0.8 / 4) - (-0.3 / 4))
+    # Targets 0 / -1: the midpoint -0.5 separates.
+    got = rm.separation(scores, r, w, rm.Settings(4, 0.3, 0.0, -1.0))
+    assert got["rm/heldout_accuracy_written"] == 0.5  # Every written score is above -0.5.
+    assert got["rm/heldout_accuracy_direct"] == 0.5

@@ -249,6 +249,9 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     assert out.returncode == 0, out.stderr[-3000:]
     stages = [r["stage"] for r in rows(wd)]
     assert stages.count("reward_model") == 3 and "value_pretrain" not in stages
+    rm = [r for r in rows(wd) if r["stage"] == "reward_model"]
+    assert "rm/heldout_accuracy" not in rm[1]  # Held-out scores after the last step only here.
+    assert {"rm/heldout_accuracy_written", "rm/heldout_accuracy_direct"} <= set(rm[2])
 
     # Starting from another run's SFT policy (the VC-PPO run: same seed, model, task and SFT
     # settings) skips SFT and then runs exactly as if SFT had been trained here.

@@ -273,6 +273,8 @@ def validate_supervised(check: Checker) -> None:
         check(f"{stage}.batch_size", positive_int, "an integer >= 1")
         check(f"{stage}.learning_rate", positive, "a positive number")
     check("reward_model.init", *one_of(("policy", "random")))
+    check("reward_model.eval_every", non_negative_int, "an integer >= 0 (0 = after the last step)")
+    check("reward_model.eval_problems", positive_int, "an integer >= 1")
     init_from = check("sft.init_from", lambda x: isinstance(x, str), "a path or ''")
     if init_from and check.get("data.task") != "addition":
         check.problem(

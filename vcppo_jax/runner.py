@@ -110,7 +110,11 @@ class Experiment:
             c.sft.batch_size, c.data.direct_fraction, c.sft.min_terms
         )
         self.rm_settings = reward_model_stage.Settings(
-            c.reward_model.batch_size, c.data.direct_fraction, c.reward.correct, c.reward.incorrect
+            c.reward_model.batch_size,
+            c.data.direct_fraction,
+            c.reward.correct,
+            c.reward.incorrect,
+            c.reward_model.eval_problems,
         )
         self.vp_settings = value_pretrain_stage.Settings(
             c.value_pretrain.lambda_, c.gae.gamma, c.ppo.epochs, c.ppo.loss_agg_mode
@@ -449,6 +453,11 @@ class Experiment:
         self.states.reward_model, m = reward_model_stage.step(
             self.ctx, self.states.reward_model, self.rm_settings, rng
         )
+        every = self.config.reward_model.eval_every
+        if step + 1 == self.total_steps("reward_model") or (every and (step + 1) % every == 0):
+            m.update(
+                reward_model_stage.evaluate(self.ctx, self.states.reward_model, self.rm_settings)
+            )
         return m
 
     def run_value_pretrain_step(self, step: int) -> dict:
@@ -574,7 +583,7 @@ class Experiment:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         keys = {
             "sft": ("sft/loss",),
-            "reward_model": ("rm/loss", "rm/accuracy"),
+            "reward_model": ("rm/loss", "rm/accuracy", "rm/heldout_accuracy"),
             "value_pretrain": (
                 "critic/value_loss",
                 "critic/explained_variance",

@@ -91,6 +91,13 @@ def reward_model_step(
     return state, {"rm/loss": loss, "rm/accuracy": acc, "rm/grad_norm": gnorm}
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def reward_scores(model_config: ModelConfig, params, tokens, last_positions):
+    """The reward model's score of each sequence at its last response token -> [B]."""
+    v = models.values(model_config, params, tokens)
+    return jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Critic and actor (PPO; the critic step also serves value pretraining).
 # ----------------------------------------------------------------------------------------------

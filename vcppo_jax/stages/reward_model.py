@@ -1,5 +1,13 @@
 """The reward model (the critic's start in the paper's PPO baseline): a value-head model
-trained on balanced right / wrong responses of both routes, scored at the last token."""
+trained on balanced right / wrong responses of both routes, scored at the last token.
+
+Every ``reward_model.eval_every`` steps and at its last step it is scored on a fixed held-out
+set: ``reward_model.eval_problems`` problems never drawn for training, each with a right and a
+wrong answer on each route (4 responses). A response counts as separated when its score lies
+on its own side of the midpoint of the two targets; ``rm/heldout_accuracy`` (and by route,
+``..._written``, ``..._direct``) is the share separated, ``rm/heldout_margin`` the mean score
+of right answers minus that of wrong ones.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +29,11 @@ class Settings:
     direct_fraction: float  # Share of pairs whose response takes the short route.
     correct: float  # Target for a right response (reward.correct).
     incorrect: float  # Target for a wrong one (reward.incorrect).
+    eval_problems: int = 64  # Held-out problems (4 responses each).
+
+
+# Held-out problems come from this seed; training draws its seeds below 2**31.
+HELDOUT_SEED = 2**31 + 17
 
 
 def balanced_pairs(
@@ -56,3 +69,48 @@ def step(
         ctx.put(last),
         ctx.put(np.asarray(targets, np.float32)),
     )
+
+
+def heldout_set(task: AdditionTask, n: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(prompts, responses, right [4n] bool, written [4n] bool): each of ``n`` held-out problems
+    answered right and wrong on each route (the wrong ones as in training)."""
+    rng = np.random.default_rng(HELDOUT_SEED)
+    prompts, responses, right, written = [], [], [], []
+    for p in task.problems(n, HELDOUT_SEED):
+        for full in (True, False):
+            good = p.full_solution if full else p.direct_solution
+            for ok, text in ((True, good), (False, task.wrong_solution(p, rng, full))):
+                prompts.append(p.prompt)
+                responses.append(text)
+                right.append(ok)
+                written.append(full)
+    return prompts, responses, np.array(right), np.array(written)
+
+
+def evaluate(ctx: Context, state: TrainState, settings: Settings) -> dict[str, float]:
+    """The reward model's separation of right from wrong answers on the held-out set."""
+    prompts, responses, right, written = heldout_set(ctx.task, settings.eval_problems)
+    scores = []
+    chunk = settings.batch_size
+    for i in range(0, len(prompts), chunk):
+        b = ctx.encode_pairs(prompts[i : i + chunk], responses[i : i + chunk])
+        last = ctx.host(b.positions)[np.arange(len(b.lengths)), b.lengths - 1]
+        scores.append(
+            ctx.host(updates.reward_scores(ctx.model_config, state.params, b.tokens, ctx.put(last)))
+        )
+    return separation(np.concatenate(scores), right, written, settings)
+
+
+def separation(
+    scores: np.ndarray, right: np.ndarray, written: np.ndarray, settings: Settings
+) -> dict[str, float]:
+    """Held-out metrics from scores [M], whether each answer is right and written."""
+    mid = 0.5 * (settings.correct + settings.incorrect)
+    sign = 1.0 if settings.correct > settings.incorrect else -1.0
+    ok = (sign * (scores - mid) > 0) == right
+    return {
+        "rm/heldout_accuracy": float(ok.mean()),
+        "rm/heldout_accuracy_written": float(ok[written].mean()),
+        "rm/heldout_accuracy_direct": float(ok[~written].mean()),
+        "rm/heldout_margin": float(scores[right].mean() - scores[~right].mean()),
+    }
