@@ -202,6 +202,16 @@ def summarise_run(wd: str) -> dict:
     if "eval/direct_fraction" in evals[0]:  # Share of sampled answers on the short route.
         out["initial_direct_fraction"] = evals[0]["eval/direct_fraction"]
         out["final_direct_fraction"] = evals[-1]["eval/direct_fraction"]
+    # The critic's start: the reward model's held-out separation, value pretraining's end.
+    rm = [r for r in rows if r["stage"] == "reward_model" and "rm/heldout_accuracy" in r]
+    if rm:
+        for key in ("accuracy", "accuracy_written", "accuracy_direct"):
+            out[f"rm_heldout_{key}"] = rm[-1][f"rm/heldout_{key}"]
+    vp = [r for r in rows if r["stage"] == "value_pretrain"]
+    if vp:
+        out["vp_steps"] = len(vp)
+        out["vp_final_value_loss"] = vp[-1]["critic/value_loss"]
+        out["vp_final_explained_variance"] = vp[-1]["critic/explained_variance"]
     ppo = [r for r in rows if r["stage"] == "ppo"]
     lengths = [r["rollout/response_length_mean"] for r in ppo]
     if lengths:
@@ -279,6 +289,31 @@ def write_tables(summary: dict, out: str, seeds) -> str:
                 f"{cell(rs, 'final_direct_fraction', 100, '{:.1f}', std=False)} | "
                 f"{cell(rs, 'min_rollout_length', fmt='{:.1f}')} | "
                 f"{cell(rs, 'critic_bias_first_tokens')} | {cell(rs, 'advantage_first_tokens')} |"
+            )
+    if any("rm_heldout_accuracy" in r or "vp_steps" in r for rs in runs.values() for r in rs):
+        lines += [
+            "",
+            "The critic's start: the reward model's held-out separation of right from wrong "
+            "answers (%, written / direct route), and value pretraining's steps, final value "
+            "loss and explained variance, mean ± std over seeds.",
+            "",
+            "| method | reward model held-out | written / direct | pretraining steps | "
+            "final value loss | final explained variance |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+
+        def opt(rs, key, scale=1.0, fmt="{:.2f}"):
+            v = [r[key] for r in rs if key in r]
+            return _mean_std(v, scale, fmt) if v else ""
+
+        for m, rs in runs.items():
+            written = opt(rs, "rm_heldout_accuracy_written", 100, "{:.0f}")
+            direct = opt(rs, "rm_heldout_accuracy_direct", 100, "{:.0f}")
+            routes = f"{written} / {direct}" if written else ""
+            lines.append(
+                f"| {METHODS[m][2]} | {opt(rs, 'rm_heldout_accuracy', 100, '{:.1f}')} | "
+                f"{routes} | {opt(rs, 'vp_steps', fmt='{:.0f}')} | "
+                f"{opt(rs, 'vp_final_value_loss')} | {opt(rs, 'vp_final_explained_variance')} |"
             )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "ablation.md"), "w") as f:

@@ -15,6 +15,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def fake_run(wd, acc0, acc1, len0, len1, with_vp):
     os.makedirs(wd, exist_ok=True)
     rows = []
+    if not with_vp:
+        rows += [
+            {"step": 0, "stage": "reward_model", "rm/loss": 0.5},
+            {
+                "step": 1,
+                "stage": "reward_model",
+                "rm/heldout_accuracy": 0.75,
+                "rm/heldout_accuracy_written": 0.9,
+                "rm/heldout_accuracy_direct": 0.6,
+            },
+        ]
     if with_vp:
         rows += [
             {
@@ -97,8 +108,14 @@ def test_summary_tables_and_figures(tmp_path):
             "advantage_first_tokens": 0.2,
             "mechanism_collapse_margin": 0.15,  # Mean over the logged PPO steps (0, .1, .2, .3).
             "mechanism_critic_speed": 0.2,
+            "rm_heldout_accuracy": 0.75,
+            "rm_heldout_accuracy_written": 0.9,
+            "rm_heldout_accuracy_direct": 0.6,
         }
     )
+    s = reproduce.summarise_run(runs["vcppo"][0])
+    assert s["vp_steps"] == 3 and s["vp_final_value_loss"] == pytest.approx(1 / 3)
+    assert s["vp_final_explained_variance"] == pytest.approx(0.2) and "rm_heldout_accuracy" not in s
     summary = {
         m: {f"seed_{i}": reproduce.summarise_run(wd) for i, wd in enumerate(wds)}
         for m, wds in runs.items()
@@ -106,6 +123,8 @@ def test_summary_tables_and_figures(tmp_path):
     text = reproduce.write_tables(summary, out, [0, 1])
     assert "| 65.0 ± 5.0 |" in text and "| 5.6 |" in text  # Final accuracy; the paper's PPO.
     assert "| 0.9 | 65.0 ± 5.0 | 34.3 |" in text
+    assert "| 75.0 ± 0.0 | 90 ± 0 / 60 ± 0 |  |  |  |" in text  # PPO: the reward model.
+    assert "|  |  | 3 ± 0 | 0.33 ± 0.00 | 0.20 ± 0.00 |" in text  # VC-PPO: pretraining.
     assert (
         "| 30.0 -> 10.0 | 30.0 ± 0.0 | -0.10 ± 0.00 | 0.20 ± 0.00 |" in text
     )  # Direct share, length, critic.
