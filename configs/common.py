@@ -42,6 +42,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = "none"
+    # Attention of training and prompt passes (vcppo_jax/models/attention.py): "xla" (scores
+    # materialised: fastest at these CPU lengths, and the committed results' numerics),
+    # "blockwise" (memory linear in length, any backend), "cudnn" (GPU flash kernel) or "auto"
+    # (cudnn on a GPU, else blockwise; the choice is recorded in config.json's "resolved").
+    c.model.attention = "xla"
 
     # Data: the synthetic long chain-of-thought task (vcppo_jax/data/synthetic.py).
     c.data = ml_collections.ConfigDict()
@@ -296,6 +301,7 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
         "model.num_kv_heads": 4,
         "model.intermediate_size": 1536,
         "model.dtype": "bfloat16",
+        "model.attention": "auto",
         "rollout.prompts_per_step": 128,
         "rollout.samples_per_prompt": 4,
         "rollout.max_new_tokens": 512,
@@ -310,6 +316,7 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
         "model.param_dtype": "bfloat16",
         "model.dtype": "bfloat16",
         "model.remat": "full",
+        "model.attention": "auto",
         "rollout.prompts_per_step": 512,
         "rollout.samples_per_prompt": 1,
         "rollout.max_new_tokens": 8192,

@@ -75,7 +75,9 @@ def test_smoke_run_writes_metrics_checkpoints_and_config(full_run):
     assert [r["step"] for r in evals] == [0, 3] and "eval/accuracy" in evals[0]
     assert os.listdir(os.path.join(wd, "checkpoints"))
     with open(os.path.join(wd, "config.json")) as f:
-        assert json.load(f)["experiment"] == "vcppo"
+        recorded = json.load(f)
+    assert recorded["experiment"] == "vcppo"
+    assert recorded["resolved"] == {"model.attention": "xla"}  # What "auto" would resolve.
     with open(os.path.join(wd, "position_profile.json")) as f:
         prof = json.load(f)
     assert set(prof) == {"count", "value", "advantage", "return"}

@@ -1,5 +1,7 @@
 """KV-cache sampler: greedy equals transformers' generate; log-probs equal re-scoring."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,11 @@ def model_pair(request, tmp_path_factory):
 MATMULS = ["xla"] + (["native"] if native._compiler() is not None else [])
 
 
+def test_blockwise_prompt_pass_generates_as_transformers(model_pair):
+    """The prompt pass through blockwise attention (ragged prompts over the cache's slots)."""
+    test_greedy_equals_transformers_generate(model_pair, "xla", attention="blockwise")
+
+
 def ragged_prompts(seed, lengths, vocab=101):
     rng = np.random.default_rng(seed)
     prompts = np.zeros((len(lengths), max(lengths)), np.int32)
@@ -33,8 +40,9 @@ def ragged_prompts(seed, lengths, vocab=101):
 
 
 @pytest.mark.parametrize("matmul", MATMULS)
-def test_greedy_equals_transformers_generate(model_pair, matmul):
+def test_greedy_equals_transformers_generate(model_pair, matmul, attention="xla"):
     model, config, params = model_pair
+    config = dataclasses.replace(config, attention=attention)
     prompts, lengths = ragged_prompts(0, [5, 11, 2, 8])
     n = 40
     out = sampling.generate(

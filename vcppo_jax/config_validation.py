@@ -21,6 +21,7 @@ from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
 from vcppo_jax.sampling import MATMULS
 from vcppo_jax.sharding import MESH_AXES, ShardingError, mesh_shape
 
+ATTENTION = ("auto", "xla", "blockwise", "cudnn")  # models/attention.py IMPLEMENTATIONS
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
 OFFSET_PROFILES = ("constant", "linear")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -298,6 +299,7 @@ def validate_model(check: Checker) -> None:
     check("model.param_dtype", *one_of(DTYPES))
     check("model.dtype", *one_of(DTYPES))
     check("model.remat", *one_of(REMAT))
+    check("model.attention", *one_of(ATTENTION))
 
 
 def validate_loop(check: Checker) -> None:

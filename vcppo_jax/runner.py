@@ -16,6 +16,7 @@ one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import sys
@@ -49,6 +50,7 @@ from vcppo_jax.data.sources import EVAL_SEED_OFFSET, MathSource, SyntheticSource
 from vcppo_jax.data.synthetic import AdditionTask
 from vcppo_jax.metrics import MetricsWriter, Progress
 from vcppo_jax.models import ModelConfig, hf
+from vcppo_jax.models import attention as attention_lib
 from vcppo_jax.stages import evaluation
 from vcppo_jax.stages import ppo as ppo_stage
 from vcppo_jax.stages import reward_model as reward_model_stage
@@ -214,7 +216,11 @@ class Experiment:
         m = self.config.model
         if m.hf_path:
             self._hf_config, self._hf_params = hf.load_checkpoint(
-                m.hf_path, param_dtype=m.param_dtype, dtype=m.dtype, remat=m.remat
+                m.hf_path,
+                param_dtype=m.param_dtype,
+                dtype=m.dtype,
+                remat=m.remat,
+                attention=m.attention,
             )
             check_vocab(self.tokenizer, self._hf_config)
             return self._hf_config
@@ -229,6 +235,7 @@ class Experiment:
             param_dtype=m.param_dtype,
             dtype=m.dtype,
             remat=m.remat,
+            attention=m.attention,
             rope_theta=float(m.rope_theta),
             max_position_embeddings=1024,
             bos_token_id=self.tokenizer.bos_id,
@@ -577,8 +584,11 @@ class Experiment:
         c = self.config
         stage_index, stage_step = self._restore()
         if jax.process_index() == 0:  # Only now: the checkpoint's fingerprint was accepted.
+            record = json.loads(c.to_json_best_effort())
+            # What "auto" settings stand for on this machine.
+            record["resolved"] = {"model.attention": attention_lib.resolve(c.model.attention)}
             workdir_lib.record_config(
-                self.workdir, c.to_json_best_effort(indent=2, sort_keys=True), self._resumed_at
+                self.workdir, json.dumps(record, indent=2, sort_keys=True), self._resumed_at
             )
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         keys = {

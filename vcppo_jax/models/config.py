@@ -39,6 +39,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # Compute dtype of activations; logits are always float32.
     remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmuls).
+    # Attention of training and prompt passes (models/attention.py): "xla" (scores
+    # materialised), "blockwise" (memory linear in length), "cudnn" (GPU flash kernel) or
+    # "auto" (cudnn on a GPU, else blockwise).
+    attention: str = "xla"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -56,6 +60,10 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {list(_DTYPES)}")
+        from vcppo_jax.models.attention import IMPLEMENTATIONS
+
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; expected one of {IMPLEMENTATIONS}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}; expected 'none', 'full' or 'dots'")
 

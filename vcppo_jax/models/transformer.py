@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from vcppo_jax import native
+from vcppo_jax.models import attention as attention_lib
 from vcppo_jax.models.config import ModelConfig
 
 PACKED = "packed"
@@ -184,6 +185,19 @@ class Attention(nn.Module):
                 dt
             ), new_cache
         qg = q.reshape(q.shape[:2] + (kvh, groups, d))
+        kind = attention_lib.resolve(cfg.attention)
+        if kind != "xla" and x.shape[1] > 1:  # Training, or the prompt pass.
+            qh = jnp.moveaxis(qg, 1, 3)  # [B, Hkv, G, T, D]
+            kh, vh = (a.astype(dt) for a in (k_all, v_all))
+            if cache is None:
+                kh, vh = jnp.moveaxis(kh, 1, 2), jnp.moveaxis(vh, 1, 2)  # [B, Hkv, S, D]
+            if kind == "cudnn" and cache is None:  # Slot = position: the mask is causal.
+                out = attention_lib.cudnn(qh, kh, vh)
+            else:
+                k_pos = jnp.broadcast_to(key_pos, (x.shape[0], kh.shape[2]))
+                out = attention_lib.blockwise(qh, kh, vh, positions, k_pos)
+            out = jnp.moveaxis(out, 3, 1).reshape(q.shape[:2] + (h, d))
+            return self._o_proj(out), new_cache
         scores = jnp.einsum(
             f"btkgd,{kv_spec}->bkgts", qg, k_all.astype(dt), preferred_element_type=jnp.float32
         ) / math.sqrt(d)
@@ -200,16 +214,19 @@ class Attention(nn.Module):
         else:
             out = jnp.einsum(f"bkgts,{kv_spec}->btkgd", probs, v_all.astype(dt))
         out = out.reshape(out.shape[:2] + (h, d))
-        out = nn.DenseGeneral(
-            e,
+        return self._o_proj(out), new_cache
+
+    def _o_proj(self, out):
+        cfg = self.config
+        return nn.DenseGeneral(
+            cfg.hidden_size,
             axis=(-2, -1),
             use_bias=False,
-            dtype=dt,
-            param_dtype=pdt,
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
             name="o_proj",
             kernel_init=_init(("heads", "head_dim", "embed")),
         )(out)
-        return out, new_cache
 
 
 class MLP(nn.Module):

@@ -1,0 +1,110 @@
+"""Attention implementations: the reference against a NumPy loop, blockwise against the
+reference (outputs and gradients, float32 and bfloat16), and no T x T buffer in blockwise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vcppo_jax.models import attention
+
+
+def _inputs(b=2, kvh=2, g=3, t=37, s=37, d=8, offset=0, seed=0, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, kvh, g, t, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((b, kvh, s, d)), dtype)
+    v = jnp.asarray(rng.standard_normal((b, kvh, s, d)), dtype)
+    q_pos = jnp.asarray(np.arange(t)[None] + offset + np.arange(b)[:, None] * 0, jnp.int32)
+    k_pos = jnp.asarray(np.tile(np.arange(s), (b, 1)), jnp.int32)
+    return q, k, v, q_pos, k_pos
+
+
+def _numpy_attention(q, k, v, q_pos, k_pos):
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, kvh, g, t, d = q.shape
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for h in range(kvh):
+            for gi in range(g):
+                for ti in range(t):
+                    seen = [si for si in range(k.shape[2]) if k_pos[bi, si] <= q_pos[bi, ti]]
+                    if not seen:
+                        continue
+                    s = np.array([q[bi, h, gi, ti] @ k[bi, h, si] for si in seen]) / np.sqrt(d)
+                    p = np.exp(s - s.max())
+                    p /= p.sum()
+                    rows = v[bi, h, seen]
+                    out[bi, h, gi, ti] = (p[:, None] * rows).sum(axis=0)
+    return out
+
+
+def test_reference_matches_a_numpy_loop():
+    # Queries at positions 5.. over a cache of 12 slots (the prompt pass / a later chunk).
+    q, k, v, q_pos, k_pos = _inputs(b=2, kvh=1, g=2, t=4, s=12, d=4, offset=5)
+    q_pos = q_pos.at[1].set(q_pos[1] - 6)  # Row 1: its first query (position -1) sees nothing.
+    got = attention.reference(q, k, v, q_pos, k_pos)
+    np.testing.assert_allclose(got, _numpy_attention(q, k, v, q_pos, k_pos), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "t,s,block,offset", [(37, 37, 8, 0), (37, 37, 64, 0), (5, 40, 16, 35), (16, 16, 16, 0)]
+)
+def test_blockwise_matches_reference_outputs_and_gradients(t, s, block, offset):
+    q, k, v, q_pos, k_pos = _inputs(t=t, s=s, offset=offset)
+    ref = lambda q, k, v: attention.reference(q, k, v, q_pos, k_pos)
+    blk = lambda q, k, v: attention.blockwise(q, k, v, q_pos, k_pos, block=block)
+    np.testing.assert_allclose(blk(q, k, v), ref(q, k, v), atol=2e-5)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * w)  # A generic cotangent.
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    g_blk = jax.jit(jax.grad(loss(blk), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_blk, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_blockwise_right_padding_and_bfloat16():
+    q, k, v, q_pos, k_pos = _inputs(t=24, s=24, dtype=jnp.bfloat16)
+    got = attention.blockwise(q, k, v, q_pos, k_pos, block=8)
+    assert got.dtype == jnp.bfloat16
+    want = attention.reference(*(x.astype(jnp.float32) for x in (q, k, v)), q_pos, k_pos)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
+    # Right padding: slots past a row's length change no real token's output.
+    n = 17
+    k2 = k.at[:, :, n:].set(100.0)
+    v2 = v.at[:, :, n:].set(-100.0)
+    a = attention.blockwise(q, k, v, q_pos, k_pos, block=8)[:, :, :, :n]
+    b = attention.blockwise(q, k2, v2, q_pos, k_pos, block=8)[:, :, :, :n]
+    np.testing.assert_array_equal(a, b)
+
+
+def _largest_buffer(f, *args):
+    """The size in elements of the largest array in the compiled HLO of ``f``."""
+    import re
+
+    hlo = jax.jit(f).lower(*args).compile().as_text()
+    sizes = [
+        int(np.prod([int(x) for x in dims.split(",") if x]))
+        for dims in re.findall(r"f32\[([\d,]*)\]", hlo)
+    ]
+    return max(sizes)
+
+
+def test_blockwise_holds_no_t_by_t_buffer_in_forward_and_backward():
+    t, block = 512, 64
+    q, k, v, q_pos, k_pos = _inputs(b=1, kvh=1, g=2, t=t, s=t, d=8)
+
+    def loss(f):
+        return lambda q, k, v: jnp.sum(f(q, k, v, q_pos, k_pos) ** 2)
+
+    grad = lambda f: jax.grad(loss(f), argnums=(0, 1, 2))
+    blk = lambda *a: attention.blockwise(*a, block=block)
+    assert _largest_buffer(grad(attention.reference), q, k, v) >= 2 * t * t  # [1,1,2,T,T]
+    assert _largest_buffer(grad(blk), q, k, v) <= 2 * t * block  # One block's scores.
+
+
+def test_resolve():
+    assert attention.resolve("auto", "gpu") == "cudnn"
+    assert attention.resolve("auto", "cpu") == "blockwise"
+    assert attention.resolve("xla") == "xla"
+    with pytest.raises(ValueError, match="attention='flash'"):
+        attention.resolve("flash")
