@@ -1,0 +1,25 @@
+"""The training benchmark's FLOP count (by hand) and one tiny run of it."""
+
+from benchmarks import train
+from vcppo_jax.models import ModelConfig
+
+
+def test_flops_count_by_hand():
+    c = ModelConfig(
+        vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=4,
+        num_kv_heads=2,
+    )  # fmt: skip
+    # Per layer: q 8x8, k and v 8x4 each, o 8x8, gate/up/down 3 x 8x16: 64+32+32+64+384 = 576.
+    assert train.matmul_params(c, "lm") == 2 * 576 + 8 * 100
+    assert train.matmul_params(c, "value") == 2 * 576 + 8
+    assert train.flops_per_token(c, 10, "lm") == 6 * (2 * 576 + 800) + 12 * 2 * 8 * 10
+
+
+def test_a_tiny_run_reports_memory_and_speed_for_both_updates():
+    report = train.run("long", [(1, 32)], "blockwise", "xla", "float32", "none", steps=1)
+    assert report["attention"] == "blockwise" and report["peer"] == "xla"
+    keys = {f"1x32/{u}/{k}" for u in ("actor", "critic") for k in ("blockwise", "xla")}
+    assert set(report["results"]) == keys
+    for r in report["results"].values():
+        assert r["compiled_temp_bytes"] > 0 and r["tokens_per_s"] > 0
+        assert "error" not in r
