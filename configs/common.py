@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     # steps (0 = only after the last) on this many problems never trained on, 4 answers each.
     c.reward_model.eval_every = 50
     c.reward_model.eval_problems = 64
+    # > 0: reward-model training chains of min_terms..data.num_terms terms (uniform), as
+    # sft.min_terms does for demonstrations; the held-out set stays at data.num_terms.
+    c.reward_model.min_terms = 0
     # "policy": the SFT policy's backbone with a fresh value head (how reward models are usually
     # initialised); "random".
     c.reward_model.init = "policy"

@@ -276,6 +276,7 @@ def validate_supervised(check: Checker) -> None:
     check("reward_model.init", *one_of(("policy", "random")))
     check("reward_model.eval_every", non_negative_int, "an integer >= 0 (0 = after the last step)")
     check("reward_model.eval_problems", positive_int, "an integer >= 1")
+    check("reward_model.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
     init_from = check("sft.init_from", lambda x: isinstance(x, str), "a path or ''")
     if init_from and check.get("data.task") != "addition":
         check.problem(

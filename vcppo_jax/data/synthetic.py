@@ -137,6 +137,18 @@ class AdditionTask:
         return out
 
 
+def mixed_length_problems(
+    task: AdditionTask, n: int, seed: int, rng: np.random.Generator, min_terms: int = 0
+) -> list[Problem]:
+    """``n`` problems: with ``min_terms`` > 0 each of a chain length drawn uniformly from
+    ``[min_terms, task.num_terms]`` with ``rng``, else ``task.problems(n, seed)``."""
+    if not (min_terms and min_terms < task.num_terms):
+        return task.problems(n, seed)
+    lengths = rng.integers(min_terms, task.num_terms + 1, size=n)
+    tasks = {k: dataclasses.replace(task, num_terms=int(k)) for k in set(lengths.tolist())}
+    return [tasks[int(k)].sample(rng) for k in lengths]
+
+
 def sft_examples(
     task: AdditionTask, n: int, seed: int, direct_fraction: float, min_terms: int = 0
 ) -> list[tuple[str, str]]:
@@ -145,12 +157,7 @@ def sft_examples(
     ``min_terms`` > 0: each problem's chain length is drawn uniformly from
     ``[min_terms, task.num_terms]`` (shorter chains teach the same steps for less compute)."""
     rng = np.random.default_rng(seed)
-    if min_terms and min_terms < task.num_terms:
-        lengths = rng.integers(min_terms, task.num_terms + 1, size=n)
-        tasks = {k: dataclasses.replace(task, num_terms=int(k)) for k in set(lengths.tolist())}
-        problems = [tasks[int(k)].sample(rng) for k in lengths]
-    else:
-        problems = task.problems(n, seed)
+    problems = mixed_length_problems(task, n, seed, rng, min_terms)
     out = []
     for p in problems:
         direct = rng.random() < direct_fraction

@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 
 from vcppo_jax import updates
-from vcppo_jax.data.synthetic import AdditionTask
+from vcppo_jax.data.synthetic import AdditionTask, mixed_length_problems
 from vcppo_jax.stages import Context
 from vcppo_jax.train_state import TrainState
 
@@ -30,6 +30,7 @@ class Settings:
     correct: float  # Target for a right response (reward.correct).
     incorrect: float  # Target for a wrong one (reward.incorrect).
     eval_problems: int = 64  # Held-out problems (4 responses each).
+    min_terms: int = 0  # > 0: training chains of min_terms..num_terms terms (uniform).
 
 
 # Held-out problems come from this seed; training draws its seeds below 2**31.
@@ -40,8 +41,10 @@ def balanced_pairs(
     task: AdditionTask, settings: Settings, rng: np.random.Generator
 ) -> tuple[list, list[str], list[float]]:
     """(problems, responses, targets): every other response right, the rest wrong answers of
-    the same shape (``task.wrong_solution``); routes drawn with ``direct_fraction``."""
-    problems = task.problems(settings.batch_size, int(rng.integers(2**31)))
+    the same shape (``task.wrong_solution``); routes drawn with ``direct_fraction``; chain
+    lengths mixed when ``min_terms`` > 0 (the held-out set is always at full length)."""
+    seed = int(rng.integers(2**31))
+    problems = mixed_length_problems(task, settings.batch_size, seed, rng, settings.min_terms)
     responses, targets = [], []
     for i, p in enumerate(problems):
         full = rng.random() >= settings.direct_fraction
