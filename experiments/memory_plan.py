@@ -5,8 +5,12 @@ allocated, no device of that size is needed).
 
 Counts, per device, under the config's mesh and logical-axis rules: policy, critic and
 reference parameters; both optimiser states (as optax creates them); the KV cache of one
-rollout batch; and the activations kept for the backward pass with per-layer remat (one
-``[B, T, E]`` residual per layer plus one layer's working set). The model shape is
+rollout batch; the activations kept for the backward pass with per-layer remat (one
+``[B, T, E]`` residual per layer plus one layer's working set); and one layer's attention
+working memory with the kernel ``model.attention`` stands for on ``--backend`` (xla: the
+float32 scores and the probabilities, ``[B, H, T, T]``; blockwise: one key block of them,
+``[B, H, T, 512]``, and the float32 accumulator; cudnn: the saved float32 log-sum-exp
+``[B, H, T]``, the kernel's tiles living on chip). The model shape is
 Qwen2.5-32B's (64 layers, hidden 5120, MLP 27648, 40 heads / 8 KV heads, vocabulary 152,064)
 when the config names no smaller model.
 """
@@ -21,6 +25,7 @@ import numpy as np
 
 from vcppo_jax import models, sharding, train_state
 from vcppo_jax.models import ModelConfig
+from vcppo_jax.models import attention as attention_lib
 
 QWEN25_32B = ModelConfig(
     vocab_size=152064,
@@ -56,7 +61,19 @@ def shard_bytes(tree, specs, mesh_shape: dict[str, int], rules) -> int:
     return total
 
 
-def plan(config, devices: int) -> dict[str, float]:
+def attention_bytes(kind: str, b: int, heads: int, t: int, head_size: int) -> int:
+    """One layer's attention working memory for ``b`` sequences of ``t`` tokens."""
+    if kind == "xla":
+        return b * heads * t * t * (4 + 2)
+    if kind == "blockwise":
+        block = min(t, attention_lib.DEFAULT_BLOCK)
+        return b * heads * t * (block * (4 + 2) + head_size * 4 + 8)
+    if kind == "cudnn":
+        return b * heads * t * 4
+    raise ValueError(f"no memory model for attention={kind!r}")
+
+
+def plan(config, devices: int, backend: str = "gpu") -> dict[str, float]:
     mcfg = QWEN25_32B
     mesh_shape = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -84,6 +101,11 @@ def plan(config, devices: int) -> dict[str, float]:
         mcfg.num_layers * mb * t * e * 2  # Residual stream kept at each layer boundary.
         + mb * t * (4 * e + 3 * mcfg.intermediate_size // mesh_shape["tensor"]) * 2
     )
+    kind = attention_lib.resolve(config.model.attention, backend)
+    heads = mcfg.num_heads // mesh_shape["tensor"]
+    out[f"attention working memory ({kind}, one layer, one minibatch)"] = attention_bytes(
+        kind, mb, heads, t, mcfg.head_size
+    )
     out["_mesh"] = mesh_shape
     out["_per_device_batch"] = b
     return out
@@ -93,6 +115,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/vcppo.py:qwen2.5-32b")
     parser.add_argument("--devices", type=int, default=256)
+    parser.add_argument("--backend", default="gpu", help="what model.attention=auto resolves on")
     args = parser.parse_args()
     path, _, arg = args.config.partition(":")
     import importlib.util
@@ -101,7 +124,7 @@ def main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg or None)
-    result = plan(config, args.devices)
+    result = plan(config, args.devices, args.backend)
     print(f"mesh {result.pop('_mesh')}, {result.pop('_per_device_batch')} sequences per device")
     total = 0
     for k, v in result.items():

@@ -13,3 +13,17 @@ def test_qwen32b_plan_on_a_pod():
     assert result["policy optimiser state"] == 2 * result["policy parameters"]
     total = sum(v for k, v in result.items() if not k.startswith("_"))
     assert total < 80 * 2**30  # Fits an 80 GiB accelerator.
+
+
+def test_attention_working_memory_by_kernel():
+    c = vcppo.get_config("qwen2.5-32b")
+    gpu = memory_plan.plan(c, devices=256, backend="gpu")
+    cpu = memory_plan.plan(c, devices=256, backend="cpu")
+    key = lambda r, kind: next(k for k in r if k.startswith(f"attention working memory ({kind}"))
+    assert key(gpu, "cudnn") and key(cpu, "blockwise")
+    c.unlock()
+    c.model.attention = "xla"
+    xla = memory_plan.plan(c, devices=256)
+    # 2 sequences x 10 heads x 9,216^2 x 6 bytes: ~10 GB, against ~0.6 GB by blocks.
+    assert memory_plan.attention_bytes("xla", 2, 10, 9216, 128) == 2 * 10 * 9216**2 * 6
+    assert xla[key(xla, "xla")] > 15 * cpu[key(cpu, "blockwise")]
