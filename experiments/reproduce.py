@@ -307,6 +307,8 @@ def write_tables(summary: dict, out: str, seeds) -> str:
             return _mean_std(v, scale, fmt) if v else ""
 
         for m, rs in runs.items():
+            if not any("rm_heldout_accuracy" in r or "vp_steps" in r for r in rs):
+                continue  # Nothing to say (e.g. a reward model from before the held-out set).
             written = opt(rs, "rm_heldout_accuracy_written", 100, "{:.0f}")
             direct = opt(rs, "rm_heldout_accuracy_direct", 100, "{:.0f}")
             routes = f"{written} / {direct}" if written else ""
