@@ -82,9 +82,11 @@ def _math_verify_one(pred_text: str, gold: str) -> bool:
     return bool(verify(parse(gold_expr), parse(pred_text)))
 
 
-def _start_verifier_worker(barrier, load_math_verify: bool) -> None:
+def _start_verifier_worker(barrier, load_math_verify: bool, verify_fn) -> None:
     """Pool initializer: import math-verify (seconds on a busy machine) and wait until every
-    worker has, so that start-up never counts against an answer's timeout."""
+    worker has, so that start-up never counts against an answer's timeout. ``verify_fn``
+    arrives pickled by reference: receiving it has imported its module here already."""
+    del verify_fn
     if load_math_verify:
         try:
             import math_verify  # noqa: F401
@@ -156,7 +158,11 @@ class MathVerifier:
                 self.workers,
                 mp_context=ctx,
                 initializer=_start_verifier_worker,
-                initargs=(ctx.Barrier(self.workers), self.verify_fn is _math_verify_one),
+                initargs=(
+                    ctx.Barrier(self.workers),
+                    self.verify_fn is _math_verify_one,
+                    self.verify_fn,
+                ),
             )
             # Start every worker (one task each; the barrier holds them until all are up) before
             # any per-answer clock runs: a first call on a loaded machine once timed out on
