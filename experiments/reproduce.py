@@ -79,6 +79,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 QUICK_METHODS = ("ppo", "vcppo")
 # --quick: a shorter PPO stage where the variant's own is long (`long` is sized to fit as is).
+MAX_SEED_LINES = 12  # Runs up to which the length and accuracy figures show each seed too.
 QUICK_FLAGS = {"tiny": ("--config.ppo.steps=40", "--config.eval.every_steps=10")}
 # The critics that differ at the first PPO step: from the reward model (ppo; decoupled_only has
 # the same one), pretrained for 30 steps (vcppo and its variants), for 5 and for 120 steps.
@@ -338,8 +339,20 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         ("eval/accuracy", "eval", "held-out accuracy (greedy)", "eval_accuracy.png"),
     ):
         series = {m: plotting.mean_curve(rows, stage, key) for m, rows in metrics.items()}
-        panel = (f"{title}, mean over seeds", "PPO step", series)
-        written.append(plotting.save_panels(os.path.join(fig_dir, fname), [panel], ncols=1))
+        panels = [(f"{title}, mean over seeds", "PPO step", series)]
+        n_runs = sum(len(wds) for wds in runs.values())
+        if n_runs <= MAX_SEED_LINES and any(len(wds) > 1 for wds in runs.values()):
+            # Seeds can go opposite ways (a mean hides it): each run too, beside the mean.
+            per_run = {
+                f"{m} {os.path.basename(wd).replace('_', ' ')}": plotting.mean_curve(
+                    [rows], stage, key
+                )
+                for m, wds in runs.items()
+                for wd, rows in zip(wds, metrics[m], strict=True)
+            }
+            panels.append((f"{title}, each seed", "PPO step", per_run))
+        path = os.path.join(fig_dir, fname)
+        written.append(plotting.save_panels(path, panels, ncols=len(panels)))
 
     profiles = {
         m: [p for p in (plotting.load_profile(wd) for wd in wds) if p is not None]

@@ -43,7 +43,8 @@ Series = dict[str, tuple[list, list]]  # label -> (x, y)
 
 
 def save_panels(path: str, panels: list[tuple[str, str, Series]], ncols: int) -> str:
-    """One figure of line panels ``(title, xlabel, {label: (x, y)})``, legend on the first."""
+    """One figure of line panels ``(title, xlabel, {label: (x, y)})``, legend on the first
+    (and on any panel whose lines differ from the first's)."""
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -63,6 +64,9 @@ def save_panels(path: str, panels: list[tuple[str, str, Series]], ncols: int) ->
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
+    for ax, (_, _, series) in list(zip(axes.flat, panels, strict=False))[1:]:
+        if set(series) != set(panels[0][2]):  # Other lines than the first panel's: own legend.
+            ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
