@@ -16,7 +16,7 @@ from vcppo_jax.advantages import decoupled_gae, length_adaptive_lambda, masked_w
 
 # The native CPU kernel is tested wherever a C++ compiler exists (it is built on first use);
 # without one, the fallback test below checks that everything still works.
-HAVE_COMPILER = native._compiler() is not None
+HAVE_COMPILER = native._compiler() is not None and jax.default_backend() == "cpu"
 METHODS = ("auto", *(("native",) if HAVE_COMPILER else ()), "matmul", "associative", "scan")
 
 

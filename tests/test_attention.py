@@ -108,3 +108,20 @@ def test_resolve():
     assert attention.resolve("xla") == "xla"
     with pytest.raises(ValueError, match="attention='flash'"):
         attention.resolve("flash")
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs an NVIDIA GPU")
+def test_cudnn_matches_reference_on_a_gpu():
+    """Training-pass layout (slot = position), bf16 as cuDNN's flash kernel wants it."""
+    q, k, v, q_pos, k_pos = _inputs(b=2, kvh=2, g=4, t=256, s=256, d=64, dtype=jnp.bfloat16)
+    got = attention.cudnn(q, k, v)
+    want = attention.reference(q, k, v, q_pos, k_pos)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.bfloat16)
+    g_cudnn = jax.grad(lambda *a: jnp.sum(attention.cudnn(*a) * w).astype(jnp.float32), (0, 1, 2))
+    g_ref = jax.grad(
+        lambda *a: jnp.sum(attention.reference(*a, q_pos, k_pos) * w).astype(jnp.float32),
+        (0, 1, 2),
+    )
+    for a, b in zip(g_cudnn(q, k, v), g_ref(q, k, v), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=0.1)

@@ -7,7 +7,10 @@ import pytest
 
 from vcppo_jax import native
 
-pytestmark = pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler")
+pytestmark = [
+    pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler"),
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="the native kernels are CPU-only"),
+]
 
 
 @pytest.mark.parametrize(
