@@ -112,3 +112,38 @@ def test_a_save_that_fails_in_the_background_is_reported_in_one_line(tmp_path, m
     with pytest.raises(CheckpointSaveError, match=r"step 2 .* failed \(No space left on device\)"):
         ck.wait()
     ck.close()  # After a reported failure, closing neither raises nor waits again.
+
+
+def test_digests_are_written_in_the_background_and_their_failure_reported(tmp_path, monkeypatch):
+    import errno
+    import threading
+
+    from vcppo_jax import checkpoint
+    from vcppo_jax.checkpoint import CheckpointSaveError
+
+    d = str(tmp_path / "ckpt")
+    state = {"w": jnp.arange(4.0)}
+    ck = Checkpointer(d)
+    ck.save(1, state, {"fingerprint": {}})
+    hashed_in = []
+    real = checkpoint.step_digests
+    monkeypatch.setattr(
+        checkpoint,
+        "step_digests",
+        lambda p: hashed_in.append(threading.current_thread().name) or real(p),
+    )
+    ck.save(2, state, {"fingerprint": {}})  # Step 1 is final now: hashed beside this save.
+    ck.wait()
+    assert os.path.exists(os.path.join(d, "digests", "1.json"))
+    assert os.path.exists(os.path.join(d, "digests", "2.json"))
+    assert hashed_in[0] != threading.main_thread().name  # Step 1: in the background thread.
+
+    def full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "step_digests", full)
+    ck.save(3, state, {"fingerprint": {}})
+    ck.save(4, state, {"fingerprint": {}})  # Digests of 3 fail in the background ...
+    with pytest.raises(CheckpointSaveError, match="No space left on device"):
+        ck.wait()  # ... and are reported here.
+    ck.close()

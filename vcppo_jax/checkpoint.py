@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from typing import Any
 
 import jax
@@ -138,6 +139,8 @@ class Checkpointer:
         self.restored_step: int | None = None  # The step the last restore() returned.
         self._pending: int | None = None  # The step being saved in the background.
         self._failed = False  # A save failed (and was reported): close() only tidies up.
+        self._digester: threading.Thread | None = None  # Digests being written.
+        self._digest_error: Exception | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True
         )
@@ -152,14 +155,14 @@ class Checkpointer:
     def _digest_path(self, step: int) -> str:
         return os.path.join(self.directory, DIGESTS_DIR, f"{step}.json")
 
-    def _write_digests(self) -> None:
-        """Records the SHA-256 of every file of each finished checkpoint that has no record yet
-        (a checkpoint is finished once Orbax lists it, so its bytes are final)."""
+    def _write_digests(self, steps: set[int]) -> None:
+        """Records the SHA-256 of every file of each finished checkpoint in ``steps`` that has
+        no record yet (a checkpoint is finished once Orbax lists it, so its bytes are final),
+        and drops the records of checkpoints no longer listed."""
         if jax.process_index() != 0:
             return
         folder = os.path.join(self.directory, DIGESTS_DIR)
         os.makedirs(folder, exist_ok=True)
-        steps = set(self.manager.all_steps())
         for name in os.listdir(folder):  # Records of checkpoints since deleted.
             if name.endswith(".json") and name[:-5].isdigit() and int(name[:-5]) not in steps:
                 os.remove(os.path.join(folder, name))
@@ -170,6 +173,21 @@ class Checkpointer:
                 with open(path + ".tmp", "w") as f:
                     json.dump(digests, f)
                 os.replace(path + ".tmp", path)
+
+    def _digest_in_background(self, steps: set[int]) -> None:
+        try:
+            self._write_digests(steps)
+        except Exception as e:  # Raised in the main thread by the next _join_digests.
+            self._digest_error = e
+
+    def _join_digests(self) -> None:
+        """Waits for the digests being computed in the background; raises what they raised."""
+        if self._digester is not None:
+            self._digester.join()
+            self._digester = None
+        if self._digest_error is not None:
+            error, self._digest_error = self._digest_error, None
+            raise error
 
     def verify(self, step: int) -> str | None:
         """None if checkpoint ``step``'s files match their recorded digests (or none were
@@ -191,10 +209,11 @@ class Checkpointer:
     def save(self, step: int, state, meta: dict[str, Any], *, force: bool = False) -> None:
         """Starts saving ``state`` and JSON ``meta`` as checkpoint ``step``; unserialisable ``meta``
         raises here. ``force`` saves even where the manager's save policy would skip the step.
-        The previous save's files are digested first (they are final by then). A save that
+        The previous save's files are digested in a background thread (they are final by
+        then; the next save, ``wait`` or ``close`` waits for it). A save that
         fails (now or in the background) raises ``CheckpointSaveError``."""
         json.dumps(meta)  # Fail here, not in a background thread, on unserialisable meta.
-        self._finish()
+        self._finish(background=True)
         self._pending = step
         self._check_space(state)
         with self._reporting_failure():
@@ -206,12 +225,21 @@ class Checkpointer:
                 force=force,
             )
 
-    def _finish(self) -> None:
-        """Waits for the save in progress and digests it, turning a failure into
-        ``CheckpointSaveError``."""
+    def _finish(self, background: bool = False) -> None:
+        """Waits for the save in progress and digests it (in a background thread when
+        ``background``: hashing a large checkpoint then overlaps the next steps), turning a
+        failure into ``CheckpointSaveError``."""
         with self._reporting_failure():
             self.manager.wait_until_finished()
-            self._write_digests()
+            self._join_digests()
+            steps = set(self.manager.all_steps())
+            if background:
+                self._digester = threading.Thread(
+                    target=self._digest_in_background, args=(steps,), daemon=True
+                )
+                self._digester.start()
+            else:
+                self._write_digests(steps)
         self._pending = None
 
     def _check_space(self, state) -> None:
@@ -315,6 +343,9 @@ class Checkpointer:
             if not self._failed:
                 self._finish()
         finally:
+            if self._digester is not None:  # After a failure: let it end, say nothing more.
+                self._digester.join()
+                self._digester = None
             try:
                 self.manager.close()
             except Exception:
