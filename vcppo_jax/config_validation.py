@@ -18,10 +18,10 @@ import ml_collections
 from vcppo_jax.advantages import ESTIMATORS
 from vcppo_jax.data.synthetic import LABELS
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
+from vcppo_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 from vcppo_jax.sampling import MATMULS
 from vcppo_jax.sharding import MESH_AXES, ShardingError, mesh_shape
 
-ATTENTION = ("auto", "xla", "blockwise", "cudnn")  # models/attention.py IMPLEMENTATIONS
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
 OFFSET_PROFILES = ("constant", "linear")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -70,6 +70,13 @@ def sft_step(model_config: ModelConfig, state: TrainState, tokens, positions, ma
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def reward_scores(model_config: ModelConfig, params, tokens, last_positions):
+    """The reward model's score of each sequence at its last response token -> [B]."""
+    v = models.values(model_config, params, tokens)
+    return jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def reward_model_step(
     model_config: ModelConfig, state: TrainState, tokens, last_positions, targets
@@ -80,8 +87,7 @@ def reward_model_step(
     """
 
     def loss_fn(params):
-        v = models.values(model_config, params, tokens)
-        score = jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
+        score = reward_scores(model_config, params, tokens, last_positions)
         loss = 0.5 * jnp.mean(jnp.square(score - targets))
         acc = jnp.mean((jnp.sign(score) == jnp.sign(targets)).astype(jnp.float32))
         return loss, acc
@@ -89,13 +95,6 @@ def reward_model_step(
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state, gnorm = state.apply_gradients(grads)
     return state, {"rm/loss": loss, "rm/accuracy": acc, "rm/grad_norm": gnorm}
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def reward_scores(model_config: ModelConfig, params, tokens, last_positions):
-    """The reward model's score of each sequence at its last response token -> [B]."""
-    v = models.values(model_config, params, tokens)
-    return jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,10 +48,7 @@ def _mask(q_pos, k_pos):
 
 def reference(q, k, v, q_pos, k_pos):
     """Attention with the scores materialised (the definition the others are tested against)."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(_mask(q_pos, k_pos), s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
+    p = jax.nn.softmax(_scores(q, k, q_pos, k_pos), axis=-1)
     p = jnp.where(jnp.isnan(p), 0.0, p)  # A query that sees no key: zeros, as blockwise.
     return jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v).astype(q.dtype)
 
@@ -73,7 +70,7 @@ def _block(x, j, block):
 
 
 def _scores(q, k_j, q_pos, kp_j):
-    """Masked scaled scores of one key block -> [B, Hkv, G, T, block] float32 (-inf masked)."""
+    """Masked scaled scores of (a block of) keys -> [B, Hkv, G, T, S] float32 (-inf masked)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     s = jnp.einsum("bkgtd,bksd->bkgts", q, k_j, preferred_element_type=jnp.float32) * scale
     return jnp.where(_mask(q_pos, kp_j), s, -jnp.inf)
