@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0: reward-model training chains of min_terms..data.num_terms terms (uniform), as
     # sft.min_terms does for demonstrations; the held-out set stays at data.num_terms.
     c.reward_model.min_terms = 0
+    # "same_problem": each training problem answered right and wrong on one route, so the two
+    # answers differ only from the slip on; "independent": every response its own problem.
+    c.reward_model.pairs = "independent"
     # "policy": the SFT policy's backbone with a fresh value head (how reward models are usually
     # initialised); "random".
     c.reward_model.init = "policy"

@@ -1,5 +1,6 @@
 """Answer extraction, verification (with a hanging verifier) and terminal rewards."""
 
+import os
 import signal
 import time
 
@@ -271,3 +272,31 @@ def test_reward_model_heldout_set_and_separation():
     got = rm.separation(scores, r, w, rm.Settings(4, 0.3, 0.0, -1.0))
     assert got["rm/heldout_accuracy_written"] == 0.5  # Every written score is above -0.5.
     assert got["rm/heldout_accuracy_direct"] == 0.5
+
+
+@pytest.mark.parametrize("pairs", ["same_problem", "independent"])
+def test_reward_model_training_pairs(pairs):
+    """same_problem: responses 2i, 2i+1 answer one problem on one route, right then wrong, and
+    differ only from the slip on; independent: every response its own problem."""
+    from vcppo_jax.stages import reward_model as rm
+
+    task = AdditionTask(6, 1, labels=True, carry_every=1)
+    settings = rm.Settings(40, 0.4, 1.0, -1.0, pairs=pairs)
+    problems, responses, targets = rm.balanced_pairs(task, settings, np.random.default_rng(3))
+    assert len(problems) == len(responses) == 40
+    assert targets == [1.0, -1.0] * 20
+    for p, text, t in zip(problems, responses, targets, strict=True):
+        assert rewards.exact_match(text, p.answer) == (t > 0)
+    routes = [rollout.is_direct(r) for r in responses]
+    assert 0 < sum(routes) < 40  # Both routes drawn.
+    same = [problems[i].prompt == problems[i + 1].prompt for i in range(0, 40, 2)]
+    if pairs == "same_problem":
+        assert all(same)
+        assert routes[0::2] == routes[1::2]
+        for i in range(0, 40, 2):
+            right, wrong = responses[i], responses[i + 1]
+            if not routes[i]:  # Written: a common prefix up to the slipped partial sum.
+                common = os.path.commonprefix([right, wrong])
+                assert 0 < len(common) < len(right)
+    else:
+        assert not any(same)

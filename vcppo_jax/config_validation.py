@@ -277,6 +277,13 @@ def validate_supervised(check: Checker) -> None:
     check("reward_model.eval_every", non_negative_int, "an integer >= 0 (0 = after the last step)")
     check("reward_model.eval_problems", positive_int, "an integer >= 1")
     check("reward_model.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
+    pairs = check("reward_model.pairs", *one_of(("same_problem", "independent")))
+    rm_batch = check.get("reward_model.batch_size")
+    if pairs == "same_problem" and positive_int(rm_batch) and rm_batch % 2:
+        check.problem(
+            f"reward_model.batch_size={rm_batch}: reward_model.pairs='same_problem' needs an "
+            "even batch (a right and a wrong answer per problem)"
+        )
     init_from = check("sft.init_from", lambda x: isinstance(x, str), "a path or ''")
     if init_from and check.get("data.task") != "addition":
         check.problem(

@@ -31,6 +31,9 @@ class Settings:
     incorrect: float  # Target for a wrong one (reward.incorrect).
     eval_problems: int = 64  # Held-out problems (4 responses each).
     min_terms: int = 0  # > 0: training chains of min_terms..num_terms terms (uniform).
+    # "same_problem": each problem answered right and wrong on one route (the two answers
+    # differ only from the slip on); "independent": every response its own problem.
+    pairs: str = "independent"
 
 
 # Held-out problems come from this seed; training draws its seeds below 2**31.
@@ -42,12 +45,19 @@ def balanced_pairs(
 ) -> tuple[list, list[str], list[float]]:
     """(problems, responses, targets): every other response right, the rest wrong answers of
     the same shape (``task.wrong_solution``); routes drawn with ``direct_fraction``; chain
-    lengths mixed when ``min_terms`` > 0 (the held-out set is always at full length)."""
+    lengths mixed when ``min_terms`` > 0 (the held-out set is always at full length). With
+    ``pairs="same_problem"`` responses 2i and 2i+1 answer the same problem on the same route."""
     seed = int(rng.integers(2**31))
-    problems = mixed_length_problems(task, settings.batch_size, seed, rng, settings.min_terms)
+    paired = settings.pairs == "same_problem"
+    n = settings.batch_size // 2 if paired else settings.batch_size
+    problems = mixed_length_problems(task, n, seed, rng, settings.min_terms)
+    if paired:
+        problems = [p for p in problems for _ in range(2)]
     responses, targets = [], []
+    full = True
     for i, p in enumerate(problems):
-        full = rng.random() >= settings.direct_fraction
+        if not (paired and i % 2):
+            full = rng.random() >= settings.direct_fraction
         right = i % 2 == 0
         responses.append(
             (p.full_solution if full else p.direct_solution)
