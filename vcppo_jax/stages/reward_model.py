@@ -36,6 +36,9 @@ class Settings:
     pairs: str = "independent"
 
 
+# Ways to draw a training batch (``reward_model.pairs``); see ``Settings.pairs``.
+PAIRS = ("independent", "same_problem")
+
 # Held-out problems come from this seed; training draws its seeds below 2**31.
 HELDOUT_SEED = 2**31 + 17
 
