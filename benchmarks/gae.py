@@ -5,9 +5,9 @@
 Rows (all float32, both lambdas computed: actor 0.95, critic 1.0, gamma 1.0; every row is
 timed as the median of ``--repeats`` interleaved runs after a warm-up/compile run):
 
-* ``vcppo_jax``: ``decoupled_gae`` as users call it (method ``auto``: on CPU the native kernel,
-  ``vcppo_jax/native``; elsewhere ``matmul`` for scalar and ``[B]`` lambdas), its pure-JAX
-  methods, and ``[B]`` / ``[B, T]`` actor lambdas.
+* ``vcppo_jax``: ``decoupled_gae`` as users call it (method ``auto``: ``matmul`` for scalar
+  and ``[B]`` lambdas, ``associative`` for ``[B, T]`` ones), each explicit method, and ``[B]``
+  / ``[B, T]`` actor lambdas.
 * ``torch loop``: the reverse Python loop over time on [B] slices used by verl, OpenRLHF and
   TRL, run once per lambda (they compute one lambda at a time).
 * ``rlax vmap``: ``rlax.truncated_generalized_advantage_estimation`` vmapped over the batch and

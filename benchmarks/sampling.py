@@ -4,10 +4,9 @@
 
 1. Generated tokens per second for a ~100M-parameter Qwen2-shaped model with random weights
    (hidden 768, 12 layers, 12 heads / 2 KV heads, MLP 2048, vocabulary 32768, tied
-   embeddings), float32, greedy, every row generating exactly ``--new`` tokens (no EOS); with
-   the decode matmuls ``auto`` picks (the native packed kernel on AVX-512 CPUs) and, when that
-   is not XLA's dot, with XLA's dot too. The samplers alternate over ``--repeats`` rounds; the
-   speed-up is the median of the per-round ratios.
+   embeddings), float32, greedy, every row generating exactly ``--new`` tokens (no EOS). The
+   samplers alternate over ``--repeats`` rounds; the speed-up is the median of the per-round
+   ratios.
    Peer: transformers ``generate`` (PyTorch CPU, KV cache, ``do_sample=False``) on the same
    weights, exported with ``hf.save_checkpoint`` and loaded with ``from_pretrained``. The
    first tokens of both are compared, so the two runs do the same work.
@@ -53,9 +52,9 @@ def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def jax_runner(config, params, prompts, lengths, new_tokens, matmul):
+def jax_runner(config, params, prompts, lengths, new_tokens):
     """-> run() timing one ``generate`` call (compiled first) -> (seconds, tokens)."""
-    sp = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0, matmul=matmul)
+    sp = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
 
     def run(seed=0):
         t0 = time.perf_counter()
@@ -165,11 +164,7 @@ def main() -> None:
 
     # Rounds alternate the samplers, so that a change in the shared machine's speed during the
     # run hits each of them alike; the speed-up is the median of the per-round ratios.
-    matmul = sampling.resolve_matmul(config, params, "auto", args.new)
-    report["decode_matmul"] = matmul
-    runners = {"vcppo_jax": jax_runner(config, params, prompts, lengths, args.new, "auto")}
-    if matmul != "xla":
-        runners["vcppo_jax_xla_dot"] = jax_runner(config, params, prompts, lengths, args.new, "xla")
+    runners = {"vcppo_jax": jax_runner(config, params, prompts, lengths, args.new)}
     tmp = None
     if not args.skip_torch:
         tmp = tempfile.TemporaryDirectory()
@@ -199,13 +194,6 @@ def main() -> None:
     def per_round(slow, fast):
         return np.asarray(times[slow]) / np.asarray(times[fast])
 
-    if "vcppo_jax_xla_dot" in times:
-        report["native_vs_xla_dot"] = float(np.median(per_round("vcppo_jax_xla_dot", "vcppo_jax")))
-        same = float((tokens["vcppo_jax_xla_dot"] == tokens["vcppo_jax"]).mean())
-        print(
-            f"  native decode vs XLA's dot: {report['native_vs_xla_dot']:.2f}x "
-            f"(median of rounds); greedy tokens equal: {same:.3f}"
-        )
     if "transformers" in times:
         rounds = per_round("transformers", "vcppo_jax")
         report["speedup"] = float(np.median(rounds))

@@ -115,9 +115,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0  # 0 = off.
-    # Decode-step products: "auto" (native packed kernel on float32 AVX-512 CPUs, else XLA's
-    # dot) | "native" | "xla". See vcppo_jax/sampling.py.
-    c.rollout.decode_matmul = "auto"
     c.rollout.dynamic_sampling = False  # DAPO: drop groups that are all right or all wrong.
 
     # Rewards: +1 correct, -1 incorrect on the last response token.

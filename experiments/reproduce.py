@@ -132,12 +132,6 @@ def _archived(archive_dir: str | None, out: str, wd: str) -> str | None:
     return os.path.join(archive_dir, os.path.relpath(wd, out)) if archive_dir else None
 
 
-# The study's runs use XLA's decode step, as they did when docs/results/ was made: "auto" would
-# pick the native kernels on AVX-512 hosts only, and their different float32 summation order
-# would make the sampled trajectories (not their statistics) depend on the host.
-PINNED = ("--config.rollout.decode_matmul=xla",)
-
-
 def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str]:
     return [
         sys.executable,
@@ -146,7 +140,6 @@ def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str
         f"--config={config}:{variant}",
         f"--workdir={wd}",
         f"--config.seed={seed}",
-        *PINNED,
         *flags,
     ]
 

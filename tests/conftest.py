@@ -11,20 +11,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest  # noqa: E402
 
 
-@pytest.fixture
-def remove_compiler(monkeypatch):
-    """-> a function that, from the point it is called until the test ends, leaves no C++
-    compiler on PATH and an unusable kernel cache, so the native kernels cannot be built.
-    Callers clear the kernels' cached availability before and after."""
-
-    def remove():
-        monkeypatch.setenv("PATH", "/nonexistent")
-        monkeypatch.delenv("CXX", raising=False)
-        monkeypatch.setenv("VCPPO_NATIVE_CACHE", "/nonexistent-cache")
-
-    return remove
-
-
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
 

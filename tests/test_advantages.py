@@ -11,13 +11,9 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vcppo_jax import advantages as adv_lib
-from vcppo_jax import native
 from vcppo_jax.advantages import decoupled_gae, length_adaptive_lambda, masked_whiten
 
-# The native CPU kernel is tested wherever a C++ compiler exists (it is built on first use);
-# without one, the fallback test below checks that everything still works.
-HAVE_COMPILER = native._compiler() is not None and jax.default_backend() == "cpu"
-METHODS = ("auto", *(("native",) if HAVE_COMPILER else ()), "matmul", "associative", "scan")
+METHODS = ("auto", "matmul", "associative", "scan")
 
 
 def numpy_gae(r, v, lengths, gamma, lam):
@@ -274,35 +270,23 @@ def test_masked_whiten():
     chex.assert_trees_all_equal_shapes(out, x)
 
 
-def test_auto_uses_the_native_kernel_on_cpu_and_falls_back_without_it(remove_compiler):
-    """On one CPU device ``auto`` is the native kernel; without a compiler (or with
-    VCPPO_NATIVE=0) it warns once and the pure-JAX solver gives the same numbers."""
-    from vcppo_jax import advantages
-
+def test_auto_picks_the_matrix_form_for_per_row_lambdas_and_the_scan_otherwise():
+    """``auto`` is pure JAX on every backend: the chunked matrix form for scalar / [B] lambdas,
+    the associative scan for [B, T] ones, each giving the explicit method's numbers; and an
+    unknown method (such as the retired host kernel) is refused by name."""
     rng = np.random.default_rng(3)
-    r, v, mask, _ = make_batch(rng, 4, 40)
-    if HAVE_COMPILER:
-        assert advantages._pick_method("cpu", True, jnp.float32, False) == "native"
-    assert advantages._pick_method("cpu", True, jnp.float32, True) == "matmul"
-    assert advantages._pick_method("cpu", False, jnp.float64, False) == "associative"
-    assert advantages._pick_method("gpu", True, jnp.float32, False) == "matmul"
-    want = decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0)
-
-    native.gae_cpu_available.cache_clear()
-    remove_compiler()
-    try:
-        with pytest.warns(UserWarning, match=r"no C\+\+ compiler found"):
-            assert not native.gae_cpu_available()
-        assert advantages._pick_method("cpu", True, jnp.float32, False) == "matmul"
-        with pytest.raises(ValueError, match="could not be built"):
-            decoupled_gae(
-                r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0, method="native"
-            )
-    finally:
-        native.gae_cpu_available.cache_clear()
-    got = decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0, method="matmul")
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    r, v, mask, lengths = make_batch(rng, 4, 40)
+    assert adv_lib._pick_method(per_row=True) == "matmul"
+    assert adv_lib._pick_method(per_row=False) == "associative"
+    per_token = np.broadcast_to(np.linspace(0.8, 1.0, 40, dtype=np.float32), (4, 40))
+    for lam, method in ((0.9, "matmul"), (per_token, "associative")):
+        kw = dict(gamma=1.0, lambda_actor=lam, lambda_critic=1.0)
+        auto = decoupled_gae(r, v, mask, **kw)
+        explicit = decoupled_gae(r, v, mask, method=method, **kw)
+        for g, w in zip(auto, explicit, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    with pytest.raises(ValueError, match=r"method must be one of .*got 'native'"):
+        decoupled_gae(r, v, mask, gamma=1.0, lambda_actor=0.9, lambda_critic=1.0, method="native")
 
 
 def test_group_normalised_advantages_against_a_loop():

@@ -53,7 +53,6 @@ BAD_FIELDS = [
     ("ppo.minibatches", 5, "ppo.minibatches=5: must divide the rollout batch"),
     ("ppo.dual_clip", 0.5, "ppo.dual_clip=0.5"),
     ("ppo.kl_estimator", "k9", "ppo.kl_estimator='k9'"),
-    ("rollout.decode_matmul", "blas", "rollout.decode_matmul='blas'"),
     ("ppo.epochs", 0, "ppo.epochs=0: expected an integer >= 1"),
     ("critic.init", "random", "critic.init='random'"),
     ("actor.learning_rate", 0.0, "actor.learning_rate=0.0"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.hf_fixtures import make_hf_model, save_hf_model
-from vcppo_jax import models, native, sampling
+from vcppo_jax import models, sampling
 from vcppo_jax.models import hf
 from vcppo_jax.sampling import SamplingParams
 
@@ -22,15 +22,9 @@ def model_pair(request, tmp_path_factory):
     return model, config, params
 
 
-# The decode step's products: XLA's dot, and the packed native kernel wherever it can be built.
-# The native decode kernels are CPU-only: on an accelerator only XLA's path is tested.
-CPU = jax.default_backend() == "cpu"
-MATMULS = ["xla"] + (["native"] if CPU and native._compiler() is not None else [])
-
-
 def test_blockwise_prompt_pass_generates_as_transformers(model_pair):
     """The prompt pass through blockwise attention (ragged prompts over the cache's slots)."""
-    test_greedy_equals_transformers_generate(model_pair, "xla", attention="blockwise")
+    test_greedy_equals_transformers_generate(model_pair, attention="blockwise")
 
 
 def ragged_prompts(seed, lengths, vocab=101):
@@ -41,8 +35,7 @@ def ragged_prompts(seed, lengths, vocab=101):
     return prompts, np.asarray(lengths)
 
 
-@pytest.mark.parametrize("matmul", MATMULS)
-def test_greedy_equals_transformers_generate(model_pair, matmul, attention="xla"):
+def test_greedy_equals_transformers_generate(model_pair, attention="xla"):
     model, config, params = model_pair
     config = dataclasses.replace(config, attention=attention)
     prompts, lengths = ragged_prompts(0, [5, 11, 2, 8])
@@ -52,7 +45,7 @@ def test_greedy_equals_transformers_generate(model_pair, matmul, attention="xla"
         params,
         prompts,
         lengths,
-        SamplingParams(max_new_tokens=n, temperature=0.0, matmul=matmul),
+        SamplingParams(max_new_tokens=n, temperature=0.0),
         jax.random.key(0),
     )
     assert out.response_tokens.shape == (4, n)
@@ -71,8 +64,7 @@ def test_greedy_equals_transformers_generate(model_pair, matmul, attention="xla"
         np.testing.assert_array_equal(row, ref[0].numpy())
 
 
-@pytest.mark.parametrize("matmul", MATMULS)
-def test_logprobs_match_rescoring_at_temperature_one(model_pair, matmul):
+def test_logprobs_match_rescoring_at_temperature_one(model_pair):
     _, config, params = model_pair
     prompts, lengths = ragged_prompts(1, [3, 9, 6])
     eos = (7,)
@@ -81,7 +73,7 @@ def test_logprobs_match_rescoring_at_temperature_one(model_pair, matmul):
         params,
         prompts,
         lengths,
-        SamplingParams(max_new_tokens=48, temperature=1.0, eos_ids=eos, matmul=matmul),
+        SamplingParams(max_new_tokens=48, temperature=1.0, eos_ids=eos),
         jax.random.key(3),
     )
     rescored = models.token_logprobs(config, params, out.tokens)
@@ -191,55 +183,6 @@ def test_bad_inputs():
         sampling.generate(config, params, np.full((1, 3), 25), np.array([3]), sp, jax.random.key(0))
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(max_new_tokens=2, top_p=1.5)
-    with pytest.raises(ValueError, match="matmul must be one of"):
-        SamplingParams(max_new_tokens=2, matmul="blas")
-    bf16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
-    native_sp = SamplingParams(max_new_tokens=2, matmul="native")
-    with pytest.raises(ValueError, match="float32 model; got backend 'cpu', dtype bfloat16"):
-        sampling.generate(
-            bf16, params, np.ones((1, 3)), np.array([3]), native_sp, jax.random.key(0)
-        )
-
-
-def test_native_decode_matmuls_agree_with_xla_and_auto_picks_them():
-    """The packed native kernel changes only the float32 summation order of the decode step:
-    on a model with untied embeddings, q/k/v biases, GQA and ragged prompts, sampled tokens are
-    identical and log-probs agree to 1e-5; ``auto`` picks it on float32 CPU models where the
-    host has AVX-512 and enough tokens are asked for, XLA's dot for bfloat16 models."""
-    if "native" not in MATMULS:
-        pytest.skip("no C++ compiler")
-    config = models.ModelConfig(
-        vocab_size=103,  # Not a multiple of the 48-column tile.
-        hidden_size=40,
-        intermediate_size=72,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        qkv_bias=True,
-        tie_word_embeddings=False,
-    )
-    params = models.init_params(config, jax.random.key(5))
-    params = jax.tree.map(
-        lambda x: x + 0.05 * jax.random.normal(jax.random.key(6), x.shape), params
-    )
-    prompts, lengths = ragged_prompts(7, [4, 13, 1, 9, 6], vocab=103)
-    outs = {}
-    for matmul in ("xla", "native"):
-        sp = SamplingParams(max_new_tokens=24, temperature=1.0, top_k=20, matmul=matmul)
-        outs[matmul] = sampling.generate(config, params, prompts, lengths, sp, jax.random.key(8))
-    np.testing.assert_array_equal(
-        np.asarray(outs["native"].response_tokens), np.asarray(outs["xla"].response_tokens)
-    )
-    np.testing.assert_allclose(
-        np.asarray(outs["native"].response_logprobs),
-        np.asarray(outs["xla"].response_logprobs),
-        atol=1e-5,
-    )
-    want = "native" if native.decode_cpu_preferred() else "xla"
-    assert sampling.resolve_matmul(config, params, "auto", 64) == want
-    assert sampling.resolve_matmul(config, params, "auto", 8) == "xla"  # Packing not repaid.
-    bf16 = config.replace(dtype="bfloat16")
-    assert sampling.resolve_matmul(bf16, params, "auto", 64) == "xla"
 
 
 def test_prompt_buckets():

@@ -17,9 +17,6 @@ the advantage obeys the backward recursion
 Every estimator here is a first-order linear recurrence ``y_t = x_t + c_t * y_{t+1}``,
 solved with one of interchangeable methods:
 
-* ``"native"``: on the host CPU, float32: the reverse loop over time in C++ (one pass for both
-  lambdas, rows over threads; ``vcppo_jax/native``), called through XLA's FFI inside jit.
-
 * ``"matmul"``: scalar or per-row (``[B]``) coefficients. Time is cut into chunks of ``C``
   tokens; inside a chunk the recurrence is ``x @ M`` with ``M[j, i] = c^(j - i)`` for
   ``j >= i`` (a small triangular matrix). The chunk starts form a recurrence ``C`` times
@@ -28,8 +25,8 @@ solved with one of interchangeable methods:
   (log depth), for per-token (``[B, T]``) coefficients; both lambdas in one pass.
 * ``"scan"``: the plain reverse ``lax.scan`` over time, kept as a reference.
 
-``"auto"`` uses ``"native"`` on CPU (when the kernel could be built; float32); elsewhere
-``"matmul"`` whenever the lambdas allow it and ``"associative"`` otherwise.
+``"auto"`` uses ``"matmul"`` whenever the lambdas allow it and ``"associative"`` otherwise, on
+every backend: pure JAX, so advantages do not depend on the host.
 ``benchmarks/gae.py`` measures every method against the peers on the machine at hand.
 """
 
@@ -42,10 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcppo_jax import native
-
-Method = Literal["auto", "native", "matmul", "associative", "scan"]
-_METHODS = ("auto", "native", "matmul", "associative", "scan")
+Method = Literal["auto", "matmul", "associative", "scan"]
+_METHODS = ("auto", "matmul", "associative", "scan")
 _MATMUL_CHUNK = 16  # Chunk length of the "matmul" method (size of the triangular matrix).
 _MATMUL_DIRECT = 64  # Up to this length the "matmul" method uses one [T, T] matrix.
 
@@ -68,40 +63,11 @@ def _check_lambda(name: str, lam, shape: tuple[int, int]) -> None:
         raise ValueError(f"{name} must lie in [0, 1]; got {lam}")
 
 
-def _pick_method(backend: str, per_row: bool, dtype, multi_device: bool) -> str:
-    """Measured in benchmarks/gae.py. On CPU the native kernel (float32, inputs on one device:
-    XLA would gather sharded inputs onto every device for it) when it could be built; on
-    accelerators the matrix form (matrix units) for scalar / per-row lambdas and the log-depth
-    scan (many cores) for per-token ones: re-measure there with ``python -m benchmarks.gae``
-    before trusting it."""
-    if backend == "cpu" and dtype == jnp.float32 and not multi_device:
-        if native.gae_cpu_available():
-            return "native"
-    if per_row:
-        return "matmul"
-    return "associative"
-
-
-def _gae_native(r, v, mask, gamma, lam_actor, lam_critic):
-    """Both lambdas in one reverse pass over time, on the host CPU (vcppo_jax/native)."""
-    b, t = r.shape
-
-    width = t if max(jnp.ndim(lam_actor), jnp.ndim(lam_critic)) == 2 else 1
-
-    def coef(lam):  # [B, 1] (scalar / per-row lambdas) or [B, T] (per token), both alike.
-        lam = _as_float(lam)
-        lam = lam[:, None] if lam.ndim == 1 else lam
-        return jnp.broadcast_to(gamma * lam, (b, width))
-
-    out = jax.ShapeDtypeStruct((b, t), jnp.float32)
-    return jax.ffi.ffi_call(native.GAE_TARGET, (out, out), vmap_method="sequential")(
-        r,
-        v,
-        jnp.asarray(mask).astype(jnp.float32),
-        jnp.broadcast_to(gamma, (b, 1)),
-        coef(lam_actor),
-        coef(lam_critic),
-    )
+def _pick_method(per_row: bool) -> str:
+    """Measured in benchmarks/gae.py: the matrix form (matrix units) for scalar / per-row
+    lambdas, the log-depth scan for per-token ones. Re-measure on new hardware with
+    ``python -m benchmarks.gae`` before trusting it."""
+    return "matmul" if per_row else "associative"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,8 +175,6 @@ def _decoupled_gae(rewards, values, mask, gamma, lambda_actor, lambda_critic, me
     m_t = jnp.asarray(mask) > 0
     b, t = r_t.shape
     gamma = jnp.asarray(gamma, dtype)
-    if method == "native":
-        return _gae_native(r_t, v_t, mask, gamma, lambda_actor, lambda_critic)
     # Padding may hold anything (even NaN): select, never multiply. Positions past the last
     # real token hold no state, so their values never bootstrap.
     m_tp1 = jnp.concatenate([m_t[:, 1:], jnp.zeros((b, 1), bool)], axis=1)
@@ -290,16 +254,8 @@ def decoupled_gae(
     if shape[1] == 0:
         empty = jnp.zeros(shape, jnp.float32)
         return empty, empty
-    dtype = jnp.float64 if rewards.dtype == jnp.float64 else jnp.float32
     if method == "auto":
-        multi_device = native.on_several_devices(rewards, values, mask)
-        per_row = np.ndim(lambda_actor) <= 1 and np.ndim(lambda_critic) <= 1
-        method = _pick_method(jax.default_backend(), per_row, dtype, multi_device)
-    if method == "native":
-        if dtype != jnp.float32 or jax.default_backend() != "cpu":
-            raise ValueError("method='native' runs on the CPU backend, in float32")
-        if not native.gae_cpu_available():
-            raise ValueError("method='native': the CPU kernel could not be built (see warning)")
+        method = _pick_method(np.ndim(lambda_actor) <= 1 and np.ndim(lambda_critic) <= 1)
     return _decoupled_gae(rewards, values, mask, gamma, lambda_actor, lambda_critic, method)
 
 

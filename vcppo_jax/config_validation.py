@@ -19,7 +19,6 @@ from vcppo_jax.advantages import ESTIMATORS
 from vcppo_jax.data.synthetic import LABELS
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
 from vcppo_jax.models.attention import IMPLEMENTATIONS as ATTENTION
-from vcppo_jax.sampling import MATMULS
 from vcppo_jax.sharding import MESH_AXES, ShardingError, mesh_shape
 from vcppo_jax.stages.reward_model import PAIRS
 
@@ -183,7 +182,6 @@ def validate_rollout(check: Checker) -> None:
     check("rollout.temperature", number_in(0.0, math.inf), "a number >= 0 (0 = greedy)")
     check("rollout.top_p", number_in(0.0, 1.0, lo_open=True), "a number in (0, 1]")
     check("rollout.top_k", non_negative_int, "an integer >= 0 (0 = off)")
-    check("rollout.decode_matmul", *one_of(MATMULS))
     dynamic = check("rollout.dynamic_sampling", is_bool, "True or False")
     if samples == 1 and (dynamic or check.get("advantage.estimator") == "grpo"):
         what = "rollout.dynamic_sampling" if dynamic else "advantage.estimator='grpo'"

@@ -95,7 +95,6 @@ class Experiment:
             top_k=config.rollout.top_k,
             eos_ids=(self.tokenizer.eos_id,),
             pad_id=self.tokenizer.pad_id,
-            matmul=config.rollout.decode_matmul,
         )
         self.greedy_params = dataclasses.replace(self.sampling_params, temperature=0.0)
         self._stage_settings()

@@ -12,15 +12,8 @@ equal a re-scoring by the training forward.
 
 ``generate`` pads prompt lengths up to buckets so that repeated calls reuse compiled code.
 
-Decode-step products (``SamplingParams.matmul``): each step multiplies one token per row by
-every weight matrix, so on a CPU it is bound by streaming the weights. ``"native"`` packs the
-weights once per call into contiguous tiles (``models.pack_for_decode``, a float32 copy of the
-actor's weights for the duration of the call) and runs the step's products and its attention
-(over the cache slots each row can see) through C++ kernels (``vcppo_jax.native``); ``"xla"``
-uses XLA's dot and attention; ``"auto"`` picks native on the CPU backend
-for float32 models on one device when the kernel was built, the CPU has AVX-512 and at least
-``NATIVE_MIN_NEW_TOKENS`` tokens are asked for (packing costs about two decode steps), else xla.
-The two agree up to float32 summation order. The prefill is always XLA's.
+One path on every backend: XLA's products and attention, so a seed samples the same tokens
+whatever host the run is on (up to the backend's float summation order).
 """
 
 from __future__ import annotations
@@ -34,11 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcppo_jax import native
 from vcppo_jax.models import ModelConfig, Transformer
-from vcppo_jax.models.transformer import PACKED, pack_for_decode
-
-MATMULS = ("auto", "native", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +40,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = off.
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
-    matmul: str = "auto"  # Decode-step products: "auto" | "native" | "xla" (module docstring).
 
     def __post_init__(self):
-        if self.matmul not in MATMULS:
-            raise ValueError(f"matmul must be one of {MATMULS}; got {self.matmul!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -183,8 +169,6 @@ def decode(model_config: ModelConfig, params, state: DecodeState, sampling: Samp
     eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
     rows = jnp.arange(b)
     variables = {"params": params}
-    if sampling.matmul == "native":
-        variables[PACKED] = pack_for_decode(model_config, params)
 
     def cond(st: DecodeState):
         return (st.step < n) & ~jnp.all(st.done)
@@ -215,35 +199,6 @@ def decode(model_config: ModelConfig, params, state: DecodeState, sampling: Samp
         )
 
     return jax.lax.while_loop(cond, body, state)
-
-
-# Packing the weights costs about two decode steps at batch 32 (more at smaller batches): below
-# this many new tokens ``auto`` keeps XLA's dot (benchmarks/sampling.py --new 8: 0.82-0.95x).
-NATIVE_MIN_NEW_TOKENS = 32
-
-
-def resolve_matmul(model_config: ModelConfig, params, matmul: str, max_new_tokens: int) -> str:
-    """``"auto"`` -> ``"native"`` or ``"xla"`` (see the module docstring); checks ``"native"``."""
-    cpu_f32 = (
-        jax.default_backend() == "cpu"
-        and model_config.dtype == "float32"
-        and model_config.param_dtype == "float32"
-    )
-    if matmul == "auto":
-        sharded = native.on_several_devices(params)
-        long_enough = max_new_tokens >= NATIVE_MIN_NEW_TOKENS
-        use = cpu_f32 and not sharded and long_enough and native.decode_cpu_preferred()
-        return "native" if use else "xla"
-    if matmul == "native":
-        if not cpu_f32:
-            raise ValueError(
-                "matmul='native' runs on the CPU backend with a float32 model; got backend "
-                f"{jax.default_backend()!r}, dtype {model_config.dtype}, "
-                f"param_dtype {model_config.param_dtype}"
-            )
-        if not native.decode_cpu_available():
-            raise ValueError("matmul='native': the CPU kernel could not be built (see warning)")
-    return matmul
 
 
 def bucket_length(n: int, minimum: int = 16, step: int = 32) -> int:
@@ -277,8 +232,6 @@ def generate(
     padded = np.full((prompts.shape[0], p), sampling.pad_id, np.int32)
     width = min(p, prompts.shape[1])
     padded[:, :width] = prompts[:, :width]
-    matmul = resolve_matmul(model_config, params, sampling.matmul, sampling.max_new_tokens)
-    sampling = dataclasses.replace(sampling, matmul=matmul)
     state = prefill(
         model_config, params, jnp.asarray(padded), jnp.asarray(lengths, jnp.int32), sampling, rng
     )

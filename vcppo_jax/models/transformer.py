@@ -17,11 +17,6 @@ laid out per row from slot 0 (prompt, then response), so a token's position is i
 and attention is causal over slots: query at position p sees slots 0..p. That makes prompts of
 different lengths need no separate padding mask: slots past a row's length are never visible
 to that row's real tokens.
-
-Packed weights (the sampler's decode step on CPU): when ``apply`` is given a second variable
-collection ``packed`` (built by ``pack_for_decode``), each projection reads its kernel from
-there, tiled for ``vcppo_jax.native.packed_matmul``, instead of calling ``nn.Dense``. Same
-parameters, same result up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -32,11 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vcppo_jax import native
 from vcppo_jax.models import attention as attention_lib
 from vcppo_jax.models.config import ModelConfig
-
-PACKED = "packed"
 
 Cache = dict[str, dict[str, jax.Array]]
 
@@ -83,25 +75,6 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _packed(module: nn.Module, name: str):
-    """``{"kernel": [T, K, 48], "bias"?: ...}`` for projection ``name`` if ``apply`` was given
-    the ``packed`` collection, else None."""
-    if module.has_variable(PACKED, name):
-        return module.get_variable(PACKED, name)
-    return None
-
-
-def _packed_dense(x: jax.Array, packed: dict, out_shape: tuple[int, ...], in_dims: int = 1):
-    """``x [..., *in] -> [..., *out_shape]`` through the native kernel (float32)."""
-    lead = x.shape[: x.ndim - in_dims]
-    x = x.reshape(lead + (-1,))
-    y = native.packed_matmul(x, packed["kernel"], math.prod(out_shape))
-    y = y.reshape(lead + out_shape)
-    if "bias" in packed:
-        y = y + packed["bias"]
-    return y
-
-
 class RMSNorm(nn.Module):
     """RMS normalisation over the last axis in float32, times a learned ``scale [E]``."""
 
@@ -132,7 +105,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, rope, cache=None):
         cfg = self.config
-        h, kvh, d, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_size, cfg.hidden_size
+        h, kvh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
         dt, pdt = cfg.jnp_dtype, cfg.jnp_param_dtype
 
         def proj(name, heads, axis):
@@ -146,17 +119,9 @@ class Attention(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis, "head_dim")),
             )(x)
 
-        packed_qkv = _packed(self, "qkv")
-        if packed_qkv is not None:  # One product for q, k and v (the sampler's decode step).
-            qkv = _packed_dense(x, packed_qkv, ((h + 2 * kvh) * d,)).astype(dt)
-            q, k, v = jnp.split(qkv, [h * d, (h + kvh) * d], axis=-1)
-            q = q.reshape(q.shape[:-1] + (h, d))
-            k = k.reshape(k.shape[:-1] + (kvh, d))
-            v = v.reshape(v.shape[:-1] + (kvh, d))
-        else:
-            q = proj("q_proj", h, "heads")  # [B, T, H, D]
-            k = proj("k_proj", kvh, "kv_heads")
-            v = proj("v_proj", kvh, "kv_heads")
+        q = proj("q_proj", h, "heads")  # [B, T, H, D]
+        k = proj("k_proj", kvh, "kv_heads")
+        v = proj("v_proj", kvh, "kv_heads")
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
 
@@ -176,14 +141,6 @@ class Attention(nn.Module):
         mask = key_pos[:, None, :] <= positions[:, :, None]  # [B, T, S]
 
         groups = h // kvh
-        if cache is not None and x.shape[1] == 1 and packed_qkv is not None:
-            # Native decode step: read only the slots each row can see (0..position).
-            qg = q[:, 0].reshape(q.shape[0], kvh, groups, d)
-            out = native.decode_attention(qg, k_all, v_all, positions[:, 0] + 1)
-            out = out.reshape(q.shape[0], 1, h, d).astype(dt)
-            return _packed_dense(out, _packed(self, "o_proj"), (e,), in_dims=2).astype(
-                dt
-            ), new_cache
         qg = q.reshape(q.shape[:2] + (kvh, groups, d))
         kind = attention_lib.resolve(cfg.attention)
         if kind != "xla" and x.shape[1] > 1:  # Training, or the prompt pass.
@@ -246,12 +203,6 @@ class MLP(nn.Module):
             name=name,
             kernel_init=_init(axes),
         )
-        packed_gate_up = _packed(self, "gate_up")
-        if packed_gate_up is not None:  # The sampler's decode step: two products in one.
-            gate, up = jnp.split(_packed_dense(x, packed_gate_up, (2 * f,)), 2, axis=-1)
-            hidden = (nn.silu(gate) * up).astype(cfg.jnp_dtype)
-            down = _packed(self, "down_proj")
-            return _packed_dense(hidden, down, (cfg.hidden_size,)).astype(cfg.jnp_dtype)
         gate = dense(f, ("embed", "mlp"), "gate_proj")(x)
         up = dense(f, ("embed", "mlp"), "up_proj")(x)
         return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
@@ -357,9 +308,6 @@ class Transformer(nn.Module):
     def logits(self, hidden):
         """[..., E] -> float32 logits [..., V]."""
         cfg = self.config
-        packed = _packed(self, "lm_head")
-        if packed is not None:
-            return _packed_dense(hidden, packed, (cfg.vocab_size,))
         if cfg.tie_word_embeddings:
             embedding = self.decoder.variables["params"]["embed"]["embedding"]
             kernel = nn.meta.unbox(embedding).T
@@ -371,41 +319,3 @@ class Transformer(nn.Module):
             kernel.astype(hidden.dtype),
             preferred_element_type=jnp.float32,
         )
-
-
-def pack_for_decode(config: ModelConfig, params) -> dict:
-    """The ``packed`` collection for an actor's ``params``: each layer's q/k/v kernels as one
-    ``[E, (H + 2 Hkv) D]`` product (biases alongside), gate/up as one ``[E, 2F]``, o_proj and
-    down_proj, and the LM head (from the tied embedding or ``lm_head``), each as ``[K, N]``
-    tiled by ``native.pack_kernel``. Plain JAX (runs inside jit); float32 only."""
-    params = nn.meta.unbox(params)
-    h, d, e = config.num_heads, config.head_size, config.hidden_size
-    pack = native.pack_kernel
-
-    decoder = params["decoder"]
-    layers = {}
-    for i in range(config.num_layers):
-        layer = decoder[f"layers_{i}"]
-        attn, mlp = layer["attn"], layer["mlp"]
-        names = ("q_proj", "k_proj", "v_proj")
-        kernels = [attn[n]["kernel"].reshape(e, -1) for n in names]
-        qkv = {"kernel": pack(jnp.concatenate(kernels, axis=1))}
-        if "bias" in attn["q_proj"]:
-            biases = [attn[n]["bias"].reshape(-1) for n in names]
-            qkv["bias"] = jnp.concatenate(biases).astype(jnp.float32)
-        gate_up = jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]], axis=1)
-        layers[f"layers_{i}"] = {
-            "attn": {
-                "qkv": qkv,
-                "o_proj": {"kernel": pack(attn["o_proj"]["kernel"].reshape(h * d, e))},
-            },
-            "mlp": {
-                "gate_up": {"kernel": pack(gate_up)},
-                "down_proj": {"kernel": pack(mlp["down_proj"]["kernel"])},
-            },
-        }
-    if config.tie_word_embeddings:
-        head = pack(decoder["embed"]["embedding"], transposed=True)
-    else:
-        head = pack(params["lm_head"])
-    return {"decoder": layers, "lm_head": {"kernel": head}}
