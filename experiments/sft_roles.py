@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import tempfile
@@ -74,9 +75,12 @@ def _update(config: ml_collections.ConfigDict, saved: dict) -> None:
                 config[k] = tuple(tuple(x) for x in v) if k == "rules" else v
 
 
-def measure(sft_dir: str, prompts: int) -> dict:
+@contextlib.contextmanager
+def sft_experiment(sft_dir: str):
+    """-> an ``Experiment`` under the SFT run's own config (its ``config.json``) holding the
+    policy it exported, in a temporary workdir."""
     from configs import vcppo
-    from vcppo_jax import runner, updates
+    from vcppo_jax import runner
 
     with open(os.path.join(sft_dir, "config.json")) as f:
         saved = json.load(f)
@@ -88,6 +92,13 @@ def measure(sft_dir: str, prompts: int) -> dict:
     with tempfile.TemporaryDirectory() as wd:
         exp = runner.Experiment(config, wd)
         exp._restore()
+        yield exp
+
+
+def measure(sft_dir: str, prompts: int) -> dict:
+    from vcppo_jax import updates
+
+    with sft_experiment(sft_dir) as exp:
         problems = exp.source.eval_problems(prompts)
         b = exp._encoded_pairs([p.prompt for p in problems], [p.full_solution for p in problems])
         lp = np.asarray(

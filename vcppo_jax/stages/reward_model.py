@@ -91,8 +91,15 @@ def heldout_set(task: AdditionTask, n: int) -> tuple[list[str], list[str], np.nd
     """(prompts, responses, right [4n] bool, written [4n] bool): each of ``n`` held-out problems
     answered right and wrong on each route (the wrong ones as in training)."""
     rng = np.random.default_rng(HELDOUT_SEED)
+    return answered_four_ways(task, task.problems(n, HELDOUT_SEED), rng)
+
+
+def answered_four_ways(
+    task: AdditionTask, problems: list, rng: np.random.Generator
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """(prompts, responses, right, written), 4 per problem: right and wrong on each route."""
     prompts, responses, right, written = [], [], [], []
-    for p in task.problems(n, HELDOUT_SEED):
+    for p in problems:
         for full in (True, False):
             good = p.full_solution if full else p.direct_solution
             for ok, text in ((True, good), (False, task.wrong_solution(p, rng, full))):
