@@ -19,6 +19,6 @@ timeout 300 $PY -m benchmarks.train --model qwen2.5-0.5b --shapes 8x2048,2x8192,
   --out "$OUT/train_gpu_qwen2.5-0.5b.json" > "$OUT/train_0.5b.log" 2>&1
 timeout 180 $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
   --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
-JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -p no:cacheprovider -x tests \
+JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests \
   > "$OUT/suite.txt" 2>&1
 echo done > "$OUT/DONE"

@@ -223,10 +223,9 @@ def test_random_shapes_and_lengths(b, t, gamma, lam_a, lam_c, seed, method):
     check_against_numpy(r, v, mask, lengths, gamma, lam_a, lam_c, method, atol=5e-5)
 
 
+@pytest.mark.multidevice(8)
 def test_sharded_batch_matches_single_device():
-    devices = jax.devices()
-    assert len(devices) == 8, "conftest sets 8 simulated CPU devices"
-    mesh = Mesh(np.array(devices), ("data",))
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data", None))
     rng = np.random.default_rng(7)
     r, v, mask, _ = make_batch(rng, 16, 256)

@@ -284,6 +284,7 @@ def _checksum(stderr):
     return float(line.rsplit(" ", 1)[1])
 
 
+@pytest.mark.multidevice(8)
 def test_one_device_eight_devices_and_two_processes_agree(full_run, tmp_path):
     """The same command on 8 simulated devices (the fixture: batch over data), on 1 device,
     on a data x fsdp mesh, and as two JAX processes on one machine."""

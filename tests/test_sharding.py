@@ -9,6 +9,8 @@ from jax.sharding import PartitionSpec as P
 from vcppo_jax import models, sampling, sharding
 from vcppo_jax.models import ModelConfig
 
+pytestmark = pytest.mark.multidevice(8)
+
 CONFIG = ModelConfig(
     vocab_size=64,
     hidden_size=32,
