@@ -23,3 +23,20 @@ def test_a_tiny_run_reports_memory_and_speed_for_both_updates():
     for r in report["results"].values():
         assert r["compiled_temp_bytes"] > 0 and r["tokens_per_s"] > 0
         assert "error" not in r
+
+
+def test_decode_floor_by_hand_and_the_qwen_shape():
+    import jax
+
+    from benchmarks import sampling
+    from vcppo_jax import models
+
+    c = ModelConfig(
+        vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=4,
+        num_kv_heads=2, dtype="bfloat16", param_dtype="bfloat16",
+    )  # fmt: skip
+    # Weights 2 x 576 + 800 (as above); K and V: 2 x 2 layers x 3 rows x 2 heads x 10 x 2 dims.
+    assert sampling.decode_bytes_per_step(c, 3, 10) == 2 * (2 * 576 + 800 + 2 * 2 * 3 * 2 * 10 * 2)
+    qwen = sampling.bench_config("qwen2.5-0.5b", "bfloat16")
+    shapes = jax.eval_shape(lambda k: models.init_params(qwen, k), jax.random.key(0))
+    assert sampling.count_params(shapes) == 494_032_768  # Qwen2.5-0.5B's published count.
