@@ -103,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "same_problem": each training problem answered right and wrong on one route, so the two
     # answers differ only from the slip on; "independent": every response its own problem.
     c.reward_model.pairs = "independent"
+    # "last_token": the score at EOS regressed on the +1 / -1 outcome (as reward models are
+    # usually trained); "every_token": every response token's score regressed on it (a
+    # token-level verifier objective). The score used is the one at EOS either way.
+    c.reward_model.loss_on = "last_token"
     # "policy": the SFT policy's backbone with a fresh value head (how reward models are usually
     # initialised); "random".
     c.reward_model.init = "policy"

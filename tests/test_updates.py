@@ -111,3 +111,32 @@ def test_actor_settings_are_checked_when_made():
         updates.ActorSettings(eps_high=0.1)
     with pytest.raises(ValueError, match=r"agg_mode='sum'.*kl_coef=-1"):
         updates.ActorSettings(agg_mode="sum", kl_coef=-1.0)
+
+
+@pytest.mark.parametrize("loss_on", ["last_token", "every_token"])
+def test_reward_model_loss_against_hand_computation(loss_on):
+    """The reward-model loss at EOS, or over every response token's slot (masked mean), each
+    against the outcome; accuracy at EOS either way."""
+    tokens, positions, mask = batch(3)
+    params = models.init_params(CFG, jax.random.key(4), "value")
+    params["value_head"]["kernel"] = 0.3 * jnp.ones_like(params["value_head"]["kernel"])
+    lengths = np.asarray(mask.sum(1)).astype(int)
+    last = jnp.asarray(np.asarray(positions)[np.arange(3), lengths - 1])
+    targets = jnp.asarray([1.0, -1.0, 1.0])
+    v = np.asarray(models.values(CFG, params, tokens), np.float64)
+    t = np.asarray(targets)
+    if loss_on == "last_token":
+        want = 0.5 * np.mean([(v[b, int(last[b])] - t[b]) ** 2 for b in range(3)])
+        extra = ()
+    else:
+        errs = [
+            (v[b, int(positions[b, j])] - t[b]) ** 2 for b in range(3) for j in range(lengths[b])
+        ]
+        want = 0.5 * np.mean(errs)
+        extra = (positions, mask)
+    acc = np.mean([np.sign(v[b, int(last[b])]) == np.sign(t[b]) for b in range(3)])
+    state = train_state.TrainState.create(params, train_state.make_optimizer(1e-2))
+    state, m = updates.reward_model_step(CFG, state, tokens, last, targets, *extra)
+    np.testing.assert_allclose(float(m["rm/loss"]), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m["rm/accuracy"]), acc)
+    assert int(state.step) == 1

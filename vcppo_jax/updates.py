@@ -79,16 +79,30 @@ def reward_scores(model_config: ModelConfig, params, tokens, last_positions):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def reward_model_step(
-    model_config: ModelConfig, state: TrainState, tokens, last_positions, targets
+    model_config: ModelConfig,
+    state: TrainState,
+    tokens,
+    last_positions,
+    targets,
+    positions=None,
+    mask=None,
 ):
-    """MSE of the score at each response's last token against its +1 / -1 outcome.
+    """MSE of the score against each response's +1 / -1 outcome: at its last token, or (given
+    ``positions`` and ``mask``, ``reward_model.loss_on='every_token'``) the mean over every
+    response token's slot, each regressed on the outcome (a token-level verifier objective).
 
-    last_positions [B]: slot of the last response token; targets [B] float32.
+    last_positions [B]: slot of the last response token; targets [B] float32; positions /
+    mask [B, N]: every response token's slot, 1 on real tokens. Accuracy is at the last token.
     """
 
     def loss_fn(params):
-        score = reward_scores(model_config, params, tokens, last_positions)
-        loss = 0.5 * jnp.mean(jnp.square(score - targets))
+        v = models.values(model_config, params, tokens)
+        score = jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
+        if positions is None:
+            loss = 0.5 * jnp.mean(jnp.square(score - targets))
+        else:
+            err = jnp.square(gather_positions(v, positions) - targets[:, None])
+            loss = 0.5 * jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         acc = jnp.mean((jnp.sign(score) == jnp.sign(targets)).astype(jnp.float32))
         return loss, acc
 

@@ -34,10 +34,15 @@ class Settings:
     # "same_problem": each problem answered right and wrong on one route (the two answers
     # differ only from the slip on); "independent": every response its own problem.
     pairs: str = "independent"
+    # "last_token": the score at EOS regressed on the outcome; "every_token": every response
+    # token's score is (a token-level verifier objective). Scored at EOS either way.
+    loss_on: str = "last_token"
 
 
 # Ways to draw a training batch (``reward_model.pairs``); see ``Settings.pairs``.
 PAIRS = ("independent", "same_problem")
+# Where the loss is taken (``reward_model.loss_on``); see ``Settings.loss_on``.
+LOSS_ON = ("last_token", "every_token")
 
 # Held-out problems come from this seed; training draws its seeds below 2**31.
 HELDOUT_SEED = 2**31 + 17
@@ -78,12 +83,14 @@ def step(
     problems, responses, targets = balanced_pairs(ctx.task, settings, rng)
     b = ctx.encode_pairs([p.prompt for p in problems], responses)
     last = ctx.host(b.positions)[np.arange(len(problems)), b.lengths - 1]
+    every = (b.positions, b.mask) if settings.loss_on == "every_token" else (None, None)
     return updates.reward_model_step(
         ctx.model_config,
         state,
         b.tokens,
         ctx.put(last),
         ctx.put(np.asarray(targets, np.float32)),
+        *every,
     )
 
 
