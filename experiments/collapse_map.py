@@ -309,7 +309,8 @@ def main() -> None:
                     f"--config.sft.init_from={sft[(seed, n)]}",
                 )  # fmt: skip
                 if args.report_only:
-                    if not reproduce.finished(wd, reproduce._archived(args.archive, args.out, wd)):
+                    archived = reproduce._archived(args.archive, args.out, wd)
+                    if not reproduce.finished(wd, archived, cmd):
                         continue
                 else:
                     reproduce._run(

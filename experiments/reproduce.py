@@ -105,7 +105,7 @@ def _run(name: str, wd: str, cmd: list[str], dry_run: bool, archived: str | None
     """Runs ``cmd`` unless ``wd`` (or ``archived``, a committed copy: experiments/archive.py)
     holds the finished run; archives it when it finishes. DONE records the run's seconds."""
     done = os.path.join(wd, "DONE")
-    if finished(wd, None if dry_run else archived):
+    if finished(wd, None if dry_run else archived, cmd):
         print(f"[reproduce] {name}: already finished", flush=True)
         return wd
     print(f"[reproduce] {name}: {' '.join(cmd)}", flush=True)
@@ -121,10 +121,26 @@ def _run(name: str, wd: str, cmd: list[str], dry_run: bool, archived: str | None
     return wd
 
 
-def finished(wd: str, archived: str | None = None) -> bool:
-    """Whether ``wd`` holds a finished run, after restoring it from ``archived`` if given."""
-    done = os.path.exists(os.path.join(wd, "DONE"))
-    return done or bool(archived and archive.restore(archived, wd))
+def finished(wd: str, archived: str | None = None, cmd: list[str] | None = None) -> bool:
+    """Whether ``wd`` holds a finished run, after restoring it from ``archived`` if given. With
+    ``cmd`` (a ``vcppo_jax.main`` command), the archived run must have been made under the
+    config that command asks for (``archive.ArchiveMismatch`` otherwise)."""
+    if os.path.exists(os.path.join(wd, "DONE")):
+        return True
+    if not (archived and os.path.isfile(os.path.join(archived, "DONE"))):
+        return False
+    return archive.restore(archived, wd, wanted_config(cmd) if cmd else None)
+
+
+def wanted_config(cmd: list[str]) -> dict | None:
+    """The resolved config a ``vcppo_jax.main`` command would run (``--validate_only``; a few
+    seconds), or None for any other command. A config the project refuses raises."""
+    if "vcppo_jax.main" not in cmd:
+        return None
+    out = subprocess.run([*cmd, "--validate_only"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ValueError(f"{' '.join(cmd)}: the config does not validate:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout[out.stdout.index("{") :])
 
 
 def _archived(archive_dir: str | None, out: str, wd: str) -> str | None:

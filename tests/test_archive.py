@@ -1,5 +1,6 @@
 """Finished runs archived in the repository and reused by the drivers (experiments/archive.py)."""
 
+import json
 import os
 import sys
 
@@ -58,3 +59,34 @@ def test_driver_reuses_archived_runs_and_archives_new_ones(tmp_path):
     )  # fmt: skip
     assert (arch / "vcppo" / "seed_0" / "DONE").read_text().endswith(" s\n")
     assert (arch / "vcppo" / "seed_0" / "metrics.jsonl").read_text() == "{}"
+
+
+def test_config_differences_name_changed_fields_only():
+    made = {"sft": {"steps": 1600, "init_from": "a"}, "mesh": {"rules": [["embed", None]]},
+            "old_field": 1, "resolved": {"model.attention": "xla"}}  # fmt: skip
+    wanted = {"sft": {"steps": 2400, "init_from": "b"}, "mesh": {"rules": (("embed", None),)},
+              "new_field": 2}  # fmt: skip
+    assert archive.config_differences(made, wanted) == ["sft.steps: archived 1600, asked for 2400"]
+    assert archive.config_differences(made, {**wanted, "sft": {"steps": 1600}}) == []
+
+
+def test_an_archived_run_made_under_another_config_is_refused(tmp_path):
+    """The driver asks the project for the config its command would run and restores an
+    archived run only if that run was made under it; otherwise nothing is copied and the error
+    names the field."""
+    out, arch = tmp_path / "out", tmp_path / "archive"
+    wd = out / "sft" / "seed_0"
+    cmd = reproduce._cmd(reproduce.VCPPO, "smoke", str(wd), 0, *reproduce.SFT_ONLY)
+    wanted = reproduce.wanted_config(cmd)
+    assert wanted["variant"] == "smoke" and wanted["ppo"]["steps"] == 0
+    archived = arch / "sft" / "seed_0"
+    _finished_run(archived)
+    made = json.loads(json.dumps(wanted))
+    made["sft"]["steps"] += 1
+    (archived / "config.json").write_text(json.dumps(made))
+    with pytest.raises(archive.ArchiveMismatch, match=r"sft\.steps: archived \d+, asked for \d+"):
+        reproduce.finished(str(wd), str(archived), cmd)
+    assert not os.path.exists(wd / "DONE")
+    (archived / "config.json").write_text(json.dumps(wanted))
+    assert reproduce.finished(str(wd), str(archived), cmd)
+    assert (wd / "DONE").exists()
