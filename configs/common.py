@@ -273,8 +273,9 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
     # every step restating the terms still to add (data.carry_every=1), so each copy is from the
     # step before (a look-up 250+ tokens back is what the tiny model failed to learn: README,
     # "The long regime"): written solutions of 303-317 tokens, the direct answer 5-6, the prompt
-    # ~31. SFT takes 1600 steps (~30 min on 2 cores). The reward model is trained 200 steps (not
-    # tiny's 600) to keep a run under 20 min.
+    # ~31. SFT takes 2400 steps (~75 min on 2 cores at ~1.9 s/step; 1600 steps left seed 0 at
+    # 40.6% greedy and seed 1 at 6.2%, 2400 took seed 0 to 87.5%: docs/results/long_regime/).
+    # The reward model is trained 200 steps (not tiny's 600) to keep a run under 20 min.
     "long": {
         "data.num_terms": 14,
         "data.digits": 1,
@@ -282,7 +283,7 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
         "data.carry_every": 1,
         "data.tokenizer_vocab_size": 96,
         "data.pad_multiple": 16,
-        "sft.steps": 1600,
+        "sft.steps": 2400,
         "sft.batch_size": 32,
         "sft.learning_rate": 3e-3,
         "reward_model.steps": 200,

@@ -40,13 +40,54 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _stages(config: dict) -> list[str] | None:
+    """The stages a run of this (JSON) config goes through, or None where it is too old or
+    too partial to tell."""
+    import ml_collections
+
+    from vcppo_jax.runner import planned_stages
+
+    try:
+        return planned_stages(
+            ml_collections.ConfigDict({k: v for k, v in config.items() if k != "resolved"})
+        )
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def unread_fields(config: dict) -> tuple[str, ...]:
+    """Config groups that no stage of this run reads: a reward model's or value pretraining's
+    fields where that stage does not run, and with ``ppo.steps == 0`` (an SFT-only run, as
+    the study trains each seed's policy) PPO's, the actor's, GAE's and, without value
+    pretraining, the critic's. Where the two configs plan the same stages these are not
+    compared, so a later change to, say, ``value_pretrain.init`` still reuses an archived SFT
+    policy."""
+    stages = _stages(config)
+    if stages is None:
+        return ()
+    unread = [s for s in ("reward_model", "value_pretrain") if s not in stages]
+    if config.get("ppo", {}).get("steps") == 0:
+        unread += ["ppo", "actor", "gae", "advantage"]
+        if "value_pretrain" not in stages:
+            unread.append("critic")
+    return tuple(unread)
+
+
 def config_differences(archived: dict, wanted: dict) -> list[str]:
     """One line per field set in both configs to different values. A field only one of them
-    has (added to the project after the run, or since removed) is not compared."""
+    has (added to the project after the run, or since removed) is not compared, nor are the
+    fields no stage of the run reads (``unread_fields``) when both configs plan the same
+    stages and agree on ``ppo.steps``; where the stages differ, that is the first line."""
     old, new = _flat(archived), _flat(wanted)
     lines = []
+    skip = NOT_COMPARED
+    a_stages, w_stages = _stages(archived), _stages(wanted)
+    if a_stages != w_stages:
+        lines.append(f"stages: archived {a_stages!r}, asked for {w_stages!r}")
+    elif old.get("ppo.steps") == new.get("ppo.steps"):
+        skip = NOT_COMPARED + unread_fields(archived)
     for k in sorted(set(old) & set(new)):
-        if any(k == f or k.startswith(f + ".") for f in NOT_COMPARED):
+        if any(k == f or k.startswith(f + ".") for f in skip):
             continue
         a, b = old[k], new[k]
         if isinstance(a, list) or isinstance(b, (list, tuple)):  # JSON has no tuples.

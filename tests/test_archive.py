@@ -90,3 +90,36 @@ def test_an_archived_run_made_under_another_config_is_refused(tmp_path):
     (archived / "config.json").write_text(json.dumps(wanted))
     assert reproduce.finished(str(wd), str(archived), cmd)
     assert (wd / "DONE").exists()
+
+
+def test_fields_no_stage_of_the_run_reads_are_not_compared():
+    """An SFT-only run (the study's per-seed policy) is reused after a change to a stage it
+    never ran (value pretraining's start, the reward model, PPO), but not after a change to
+    what it did run, nor when the run asked for now would go through other stages."""
+    cmd = reproduce._cmd(reproduce.VCPPO, "smoke", "unused", 0, *reproduce.SFT_ONLY)
+    sft_only = reproduce.wanted_config(cmd)
+    assert archive.unread_fields(sft_only) == (
+        "reward_model", "value_pretrain", "ppo", "actor", "gae", "advantage", "critic",
+    )  # fmt: skip
+    later = json.loads(json.dumps(sft_only))
+    later["value_pretrain"]["init"] = "reward_model" if later["value_pretrain"]["init"] != (
+        "reward_model") else "policy"  # fmt: skip
+    later["reward_model"]["steps"] += 100
+    later["ppo"]["epochs"] += 1
+    later["critic"]["learning_rate"] *= 2
+    assert archive.config_differences(sft_only, later) == []
+    later["sft"]["learning_rate"] *= 2
+    assert archive.config_differences(sft_only, later) == [
+        f"sft.learning_rate: archived {sft_only['sft']['learning_rate']!r}, "
+        f"asked for {later['sft']['learning_rate']!r}"
+    ]
+    # The same change on a run whose critic is pretrained is compared, and a run that plans
+    # other stages is named as such.
+    vcppo = reproduce.wanted_config(reproduce._cmd(reproduce.VCPPO, "smoke", "unused", 0))
+    assert "value_pretrain" in archive._stages(vcppo)
+    changed = json.loads(json.dumps(vcppo))
+    changed["value_pretrain"]["steps"] += 1
+    assert [d.split(":")[0] for d in archive.config_differences(vcppo, changed)] == [
+        "value_pretrain.steps"
+    ]
+    assert archive.config_differences(sft_only, vcppo)[0].startswith("stages: archived ['sft'")

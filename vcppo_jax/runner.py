@@ -61,6 +61,25 @@ from vcppo_jax.tokenizer import check_vocab
 STAGE_IDS = {"sft": 1, "reward_model": 2, "value_pretrain": 3, "ppo": 4}
 
 
+def planned_stages(c) -> list[str]:
+    """The stages a run of config ``c`` goes through, in order (a ConfigDict, or anything with
+    the same attributes): ``sft`` unless the policy comes from elsewhere, ``reward_model`` when
+    the critic or value pretraining starts from it, ``value_pretrain`` for VC-PPO's critic,
+    then ``ppo`` (which may have 0 steps)."""
+    stages = []
+    # A pretrained policy or another run's SFT policy skips SFT.
+    if c.sft.steps > 0 and not c.model.hf_path and not c.sft.init_from:
+        stages.append("sft")
+    vp = c.critic.init == "value_pretrain" and c.advantage.estimator == "gae"
+    needs_rm = c.critic.init == "reward_model" or (vp and c.value_pretrain.init == "reward_model")
+    if needs_rm and c.advantage.estimator == "gae":
+        stages.append("reward_model")
+    if vp:
+        stages.append("value_pretrain")
+    stages.append("ppo")
+    return stages
+
+
 class Experiment:
     """One experiment in one workdir: the config wired into a task, models, stages and a
     checkpointer; ``run()`` runs (or resumes) the stages to the end."""
@@ -85,7 +104,7 @@ class Experiment:
         self.model_config = self._model_config()
         self.metrics = MetricsWriter(workdir, process_index=jax.process_index())
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-        self.stages = self._stages()
+        self.stages = planned_stages(config)
         self._stop_requested = False
         self.key = jax.random.key(config.seed)
         self.sampling_params = sampling.SamplingParams(
@@ -244,23 +263,6 @@ class Experiment:
             eos_token_id=self.tokenizer.eos_id,
             pad_token_id=self.tokenizer.pad_id,
         )
-
-    def _stages(self) -> list[str]:
-        c = self.config
-        stages = []
-        # A pretrained policy or another run's SFT policy skips SFT.
-        if c.sft.steps > 0 and not c.model.hf_path and not c.sft.init_from:
-            stages.append("sft")
-        vp = c.critic.init == "value_pretrain" and c.advantage.estimator == "gae"
-        needs_rm = c.critic.init == "reward_model" or (
-            vp and c.value_pretrain.init == "reward_model"
-        )
-        if needs_rm and c.advantage.estimator == "gae":
-            stages.append("reward_model")
-        if vp:
-            stages.append("value_pretrain")
-        stages.append("ppo")
-        return stages
 
     def _init_states(self):
         c = self.config
