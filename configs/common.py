@@ -188,12 +188,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.value_pretrain = ml_collections.ConfigDict()
     c.value_pretrain.steps = 100
     c.value_pretrain.lambda_ = 1.0
-    # Where value pretraining starts: "policy" (the SFT policy's backbone, fresh value head),
-    # "reward_model" (as in the paper) or "random".
-    c.value_pretrain.init = "policy"
-    # "steps": exactly value_pretrain.steps; "plateau": stop once value loss and explained
-    # variance stop improving (stages/value_pretrain.py), value_pretrain.steps the cap.
-    c.value_pretrain.until = "steps"
+    # Where value pretraining starts: "reward_model" (as in the paper: the reward model is
+    # trained first), "policy" (the SFT policy's backbone, fresh value head) or "random".
+    c.value_pretrain.init = "reward_model"
+    # "plateau" (as the paper trains it, until value loss and explained variance converge):
+    # stop once both stop improving (stages/value_pretrain.py), value_pretrain.steps the cap;
+    # "steps": exactly value_pretrain.steps.
+    c.value_pretrain.until = "plateau"
     c.value_pretrain.plateau_window = 10
     c.value_pretrain.plateau_tol = 0.01
 
