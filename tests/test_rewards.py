@@ -300,3 +300,34 @@ def test_reward_model_training_pairs(pairs):
                 assert 0 < len(common) < len(right)
     else:
         assert not any(same)
+
+
+def test_process_targets_turn_wrong_at_the_slip(tmp_path):
+    """reward_model.loss_on='process': a right response is right at every token; a wrong one
+    is right up to the token where it leaves its problem's right answer on its route (the
+    slipped partial sum, or the direct answer's first wrong digit) and wrong from there to EOS."""
+    from vcppo_jax.data.sources import SyntheticSource
+    from vcppo_jax.stages import reward_model as rm
+
+    task = AdditionTask(6, 1, labels=True, carry_every=1)
+    tok = SyntheticSource(task, str(tmp_path), 0, 96).tokenizer  # As the runner builds it.
+    settings = rm.Settings(40, 0.4, 1.0, -1.0, pairs="same_problem")
+    problems, responses, targets = rm.balanced_pairs(task, settings, np.random.default_rng(5))
+    width = max(len(tok.encode(r, add_eos=True)) for r in responses)
+    out = rm.process_targets(tok, problems, responses, width, settings)
+    routes = set()
+    for i in range(0, 40, 2):
+        right, wrong = responses[i], responses[i + 1]
+        assert (out[i] == 1.0).all()
+        r_ids, w_ids = tok.encode(right, add_eos=True), tok.encode(wrong, add_eos=True)
+        slip = next(j for j, (a, b) in enumerate(zip(r_ids, w_ids, strict=False)) if a != b)
+        assert (out[i + 1, :slip] == 1.0).all() and (out[i + 1, slip:] == -1.0).all()
+        assert out[i + 1, len(w_ids) - 1] == -1.0  # EOS: the outcome.
+        # The slip lies at the wrong number: the tokens before it spell no more than the text
+        # both answers share.
+        common = os.path.commonprefix([right, wrong])
+        assert len(tok.decode(w_ids[:slip]).strip()) <= len(common.strip())
+        assert len(tok.decode(w_ids[: slip + 1]).strip()) > len(common.strip())
+        routes.add(rollout.is_direct(right))
+    assert routes == {True, False}
+    assert rm.first_slip(tok, responses[0], responses[0]) is None

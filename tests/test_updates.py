@@ -113,7 +113,7 @@ def test_actor_settings_are_checked_when_made():
         updates.ActorSettings(agg_mode="sum", kl_coef=-1.0)
 
 
-@pytest.mark.parametrize("loss_on", ["last_token", "every_token"])
+@pytest.mark.parametrize("loss_on", ["last_token", "every_token", "process"])
 def test_reward_model_loss_against_hand_computation(loss_on):
     """The reward-model loss at EOS, or over every response token's slot (masked mean), each
     against the outcome; accuracy at EOS either way."""
@@ -125,18 +125,27 @@ def test_reward_model_loss_against_hand_computation(loss_on):
     targets = jnp.asarray([1.0, -1.0, 1.0])
     v = np.asarray(models.values(CFG, params, tokens), np.float64)
     t = np.asarray(targets)
+    # Per-token targets (process): row 1 is wrong from its second response token on.
+    per_token = np.tile(t[:, None], (1, positions.shape[1])).astype(np.float32)
+    per_token[1, :1] = 1.0
+    kw = {}
     if loss_on == "last_token":
         want = 0.5 * np.mean([(v[b, int(last[b])] - t[b]) ** 2 for b in range(3)])
         extra = ()
     else:
+        tt = per_token if loss_on == "process" else np.tile(t[:, None], (1, positions.shape[1]))
         errs = [
-            (v[b, int(positions[b, j])] - t[b]) ** 2 for b in range(3) for j in range(lengths[b])
+            (v[b, int(positions[b, j])] - tt[b, j]) ** 2
+            for b in range(3)
+            for j in range(lengths[b])
         ]
         want = 0.5 * np.mean(errs)
         extra = (positions, mask)
+        if loss_on == "process":
+            kw = {"token_targets": jnp.asarray(per_token)}
     acc = np.mean([np.sign(v[b, int(last[b])]) == np.sign(t[b]) for b in range(3)])
     state = train_state.TrainState.create(params, train_state.make_optimizer(1e-2))
-    state, m = updates.reward_model_step(CFG, state, tokens, last, targets, *extra)
+    state, m = updates.reward_model_step(CFG, state, tokens, last, targets, *extra, **kw)
     np.testing.assert_allclose(float(m["rm/loss"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(m["rm/accuracy"]), acc)
     assert int(state.step) == 1

@@ -86,13 +86,16 @@ def reward_model_step(
     targets,
     positions=None,
     mask=None,
+    token_targets=None,
 ):
     """MSE of the score against each response's +1 / -1 outcome: at its last token, or (given
     ``positions`` and ``mask``, ``reward_model.loss_on='every_token'``) the mean over every
-    response token's slot, each regressed on the outcome (a token-level verifier objective).
+    response token's slot, each regressed on the outcome (a token-level verifier objective),
+    or on its own target in ``token_targets`` (``loss_on='process'``).
 
     last_positions [B]: slot of the last response token; targets [B] float32; positions /
-    mask [B, N]: every response token's slot, 1 on real tokens. Accuracy is at the last token.
+    mask / token_targets [B, N]: every response token's slot, 1 on real tokens, the target of
+    each. Accuracy is at the last token against ``targets``.
     """
 
     def loss_fn(params):
@@ -101,7 +104,8 @@ def reward_model_step(
         if positions is None:
             loss = 0.5 * jnp.mean(jnp.square(score - targets))
         else:
-            err = jnp.square(gather_positions(v, positions) - targets[:, None])
+            want = targets[:, None] if token_targets is None else token_targets
+            err = jnp.square(gather_positions(v, positions) - want)
             loss = 0.5 * jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         acc = jnp.mean((jnp.sign(score) == jnp.sign(targets)).astype(jnp.float32))
         return loss, acc

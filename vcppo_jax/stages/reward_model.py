@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from vcppo_jax import updates
+from vcppo_jax import rollout, updates
 from vcppo_jax.data.synthetic import AdditionTask, mixed_length_problems
 from vcppo_jax.stages import Context
 from vcppo_jax.train_state import TrainState
@@ -35,14 +35,17 @@ class Settings:
     # differ only from the slip on); "independent": every response its own problem.
     pairs: str = "independent"
     # "last_token": the score at EOS regressed on the outcome; "every_token": every response
-    # token's score is (a token-level verifier objective). Scored at EOS either way.
+    # token's score is (a token-level verifier objective); "process": every token's score
+    # regressed on whether the response is still right up to that token (process
+    # supervision: wrong from the first token where it leaves the right answer on). Scored at
+    # EOS either way.
     loss_on: str = "last_token"
 
 
 # Ways to draw a training batch (``reward_model.pairs``); see ``Settings.pairs``.
 PAIRS = ("independent", "same_problem")
 # Where the loss is taken (``reward_model.loss_on``); see ``Settings.loss_on``.
-LOSS_ON = ("last_token", "every_token")
+LOSS_ON = ("last_token", "every_token", "process")
 
 # Held-out problems come from this seed; training draws its seeds below 2**31.
 HELDOUT_SEED = 2**31 + 17
@@ -82,8 +85,14 @@ def step(
     """One reward-model update on a fresh balanced batch drawn with ``rng``."""
     problems, responses, targets = balanced_pairs(ctx.task, settings, rng)
     b = ctx.encode_pairs([p.prompt for p in problems], responses)
-    last = ctx.host(b.positions)[np.arange(len(problems)), b.lengths - 1]
-    every = (b.positions, b.mask) if settings.loss_on == "every_token" else (None, None)
+    positions = ctx.host(b.positions)
+    last = positions[np.arange(len(problems)), b.lengths - 1]
+    every = (b.positions, b.mask) if settings.loss_on != "last_token" else (None, None)
+    per_token = None
+    if settings.loss_on == "process":
+        per_token = ctx.put(
+            process_targets(ctx.tokenizer, problems, responses, positions.shape[1], settings)
+        )
     return updates.reward_model_step(
         ctx.model_config,
         state,
@@ -91,7 +100,35 @@ def step(
         ctx.put(last),
         ctx.put(np.asarray(targets, np.float32)),
         *every,
+        token_targets=per_token,
     )
+
+
+def first_slip(tokenizer, response: str, reference: str) -> int | None:
+    """Index of the first response token (EOS included) that differs from the right answer
+    ``reference``, or None where the response is the reference."""
+    got = tokenizer.encode(response, add_eos=True)
+    ref = tokenizer.encode(reference, add_eos=True)
+    for j, (a, b) in enumerate(zip(got, ref, strict=False)):
+        if a != b:
+            return j
+    return None if len(got) == len(ref) else min(len(got), len(ref))
+
+
+def process_targets(
+    tokenizer, problems: list, responses: list[str], width: int, settings: Settings
+) -> np.ndarray:
+    """Per-token targets [B, width] for ``loss_on="process"``: ``settings.correct`` on every
+    token of a right response and on a wrong one's tokens before its slip (the first token
+    where it leaves its problem's right answer on its route), ``settings.incorrect`` from the
+    slip on. Slots past a response's end are masked out by the caller."""
+    out = np.full((len(responses), width), settings.correct, np.float32)
+    for i, (p, r) in enumerate(zip(problems, responses, strict=True)):
+        ref = p.direct_solution if rollout.is_direct(r) else p.full_solution
+        j = first_slip(tokenizer, r, ref)
+        if j is not None:
+            out[i, j:] = settings.incorrect
+    return out
 
 
 def heldout_set(task: AdditionTask, n: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
