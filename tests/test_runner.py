@@ -56,7 +56,9 @@ def test_smoke_run_writes_metrics_checkpoints_and_config(full_run):
     stages = [r["stage"] for r in rs]
     assert stages[:6] == ["sft"] * 6
     assert stages.count("value_pretrain") == 3 and stages.count("ppo") == 3
-    assert "reward_model" not in stages  # VC-PPO's critic comes from value pretraining.
+    # VC-PPO's critic comes from value pretraining, which starts from the reward model.
+    assert stages.count("reward_model") == 3
+    assert stages.index("reward_model") < stages.index("value_pretrain")
     ppo = [r for r in rs if r["stage"] == "ppo"]
     for key in (
         "rollout/response_length_mean",
@@ -97,7 +99,8 @@ def test_smoke_run_writes_metrics_checkpoints_and_config(full_run):
 def test_resume_ends_exactly_like_an_uninterrupted_run(full_run, tmp_path):
     wd_full, _ = full_run
     wd = str(tmp_path / "resumed")
-    first = run_main(wd, "--config.stop_after_steps=8")  # Stops inside value pretraining.
+    # 6 SFT and 3 reward-model steps, then stops inside value pretraining.
+    first = run_main(wd, "--config.stop_after_steps=11")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "stopped (stop_after_steps) after value_pretrain step 2" in first.stderr
     second = run_main(wd)
@@ -176,7 +179,12 @@ def test_unusable_workdirs_and_data_files_end_in_one_line(tmp_path):
     empty.write_text("\n")
     binary = tmp_path / "binary.jsonl"
     binary.write_bytes(b"\xff\xfe\x00{}\n")
-    math = ["--config.data.task=math", f"--config.model.hf_path={tmp_path}"]
+    # Math prompts have no reward-model data: value pretraining starts from the policy.
+    math = [
+        "--config.data.task=math",
+        f"--config.model.hf_path={tmp_path}",
+        "--config.value_pretrain.init=policy",
+    ]
     cases = [
         ((str(afile),), f"--workdir {afile}: exists and is not a directory"),
         ((str(tmp_path / "a"), *math, f"--config.data.train_files={empty}"), f"{empty}: holds no"),
@@ -378,6 +386,7 @@ def test_math_prompt_set_from_a_pretrained_checkpoint(tmp_path):
     flags = [
         "--config.data.task=math",
         f"--config.model.hf_path={model_dir}",
+        "--config.value_pretrain.init=policy",  # No reward-model data for math prompts.
         f"--config.data.train_files={data}",
         "--config.eval.num_prompts=4",
         "--config.rollout.max_new_tokens=8",
@@ -467,7 +476,8 @@ def test_critic_init_offset_biases_the_starting_critic(full_run, tmp_path):
     out = run_main(wd, "--config.critic.init_offset=-2.0", "--config.ppo.steps=1")
     assert out.returncode == 0, out.stderr[-3000:]
     vp = lambda rs: [r for r in rs if r["stage"] == "value_pretrain"][0]["critic/value_mean"]
-    assert abs(vp(rows(wd)) + 2.0) < 0.05 and abs(vp(rows(full_run[0]))) < 0.05
+    # Both start from the same reward model, on the same rollouts of the fixed policy.
+    assert abs(vp(rows(wd)) - vp(rows(full_run[0])) + 2.0) < 0.05
 
 
 def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
