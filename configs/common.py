@@ -105,8 +105,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.reward_model.pairs = "independent"
     # "last_token": the score at EOS regressed on the +1 / -1 outcome (as reward models are
     # usually trained); "every_token": every response token's score regressed on it (a
-    # token-level verifier objective). The score used is the one at EOS either way.
+    # token-level verifier objective); "process": every token's score regressed on whether the
+    # response is still right up to it (wrong from its first slip on); "first_slip": those
+    # targets up to and including the slip, none after it (step labels stop at the first
+    # wrong step). reward_model.score says how a response's score is read.
     c.reward_model.loss_on = "last_token"
+    # How a response's score is read from its tokens' scores: "last_token" (at EOS) or "min"
+    # (the lowest over the response, as process reward models aggregate steps). The held-out
+    # metrics are logged for both; rm/heldout_accuracy follows this field.
+    c.reward_model.score = "last_token"
     # "policy": the SFT policy's backbone with a fresh value head (how reward models are usually
     # initialised); "random".
     c.reward_model.init = "policy"

@@ -55,6 +55,7 @@ BAD_FIELDS = [
     ("ppo.kl_estimator", "k9", "ppo.kl_estimator='k9'"),
     ("ppo.epochs", 0, "ppo.epochs=0: expected an integer >= 1"),
     ("reward_model.loss_on", "eos", "reward_model.loss_on='eos': expected one of"),
+    ("reward_model.score", "mean", "reward_model.score='mean': expected one of"),
     ("critic.init", "random", "critic.init='random'"),
     ("actor.learning_rate", 0.0, "actor.learning_rate=0.0"),
     ("rollout.top_p", 0.0, "rollout.top_p=0.0"),

@@ -315,6 +315,7 @@ def test_process_targets_turn_wrong_at_the_slip(tmp_path):
     problems, responses, targets = rm.balanced_pairs(task, settings, np.random.default_rng(5))
     width = max(len(tok.encode(r, add_eos=True)) for r in responses)
     out = rm.process_targets(tok, problems, responses, width, settings)
+    keep = rm.up_to_slip(tok, problems, responses, width)  # loss_on="first_slip"
     routes = set()
     for i in range(0, 40, 2):
         right, wrong = responses[i], responses[i + 1]
@@ -323,6 +324,8 @@ def test_process_targets_turn_wrong_at_the_slip(tmp_path):
         slip = next(j for j, (a, b) in enumerate(zip(r_ids, w_ids, strict=False)) if a != b)
         assert (out[i + 1, :slip] == 1.0).all() and (out[i + 1, slip:] == -1.0).all()
         assert out[i + 1, len(w_ids) - 1] == -1.0  # EOS: the outcome.
+        assert (keep[i] == 1.0).all()  # first_slip: every slot of a right answer, ...
+        assert (keep[i + 1, : slip + 1] == 1.0).all() and (keep[i + 1, slip + 1 :] == 0.0).all()
         # The slip lies at the wrong number: the tokens before it spell no more than the text
         # both answers share.
         common = os.path.commonprefix([right, wrong])
@@ -331,3 +334,63 @@ def test_process_targets_turn_wrong_at_the_slip(tmp_path):
         routes.add(rollout.is_direct(right))
     assert routes == {True, False}
     assert rm.first_slip(tok, responses[0], responses[0]) is None
+
+
+def test_response_scores_against_a_loop():
+    """reward_model.score: the last real token's score, or the lowest over the real tokens,
+    read past right padding (a padded slot holds a score that must not count)."""
+    from vcppo_jax.stages import reward_model as rm
+
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(6, 9)).astype(np.float32)
+    lengths = np.array([1, 9, 4, 7, 2, 5])
+    mask = (np.arange(9)[None, :] < lengths[:, None]).astype(np.float32)
+    scores[mask == 0] = -100.0  # Padding: would win a min it were allowed into.
+    last = rm.response_scores(scores, mask, "last_token")
+    low = rm.response_scores(scores, mask, "min")
+    for i, n in enumerate(lengths):
+        assert last[i] == scores[i, n - 1]
+        assert low[i] == min(scores[i, j] for j in range(n))
+    with pytest.raises(ValueError, match="reward_model.score='mean'"):
+        rm.response_scores(scores, mask, "mean")
+
+
+def test_min_score_finds_a_slip_that_eos_misses():
+    """A wrong answer whose scores dip at the slip and recover by EOS is separated by "min"
+    and not by "last_token"; ``separation`` counts each route on its own."""
+    from vcppo_jax.stages import reward_model as rm
+
+    settings = rm.Settings(4, 0.5, 1.0, -1.0, score="min")
+    mask = np.ones((4, 5), np.float32)
+    tokens = np.array(
+        [
+            [0.9, 0.8, 0.9, 0.7, 0.8],  # Right, written.
+            [0.9, -0.6, 0.2, 0.4, 0.5],  # Wrong, written: dips at the slip only.
+            [0.3, 0.4, 0.2, 0.5, 0.6],  # Right, direct.
+            [0.3, 0.4, 0.2, 0.5, 0.6],  # Wrong, direct: scored like the right one.
+        ],
+        np.float32,
+    )
+    right = np.array([True, False, True, False])
+    written = np.array([True, True, False, False])
+    by_min = rm.separation(rm.response_scores(tokens, mask, "min"), right, written, settings)
+    by_eos = rm.separation(rm.response_scores(tokens, mask, "last_token"), right, written, settings)
+    assert by_min["rm/heldout_accuracy_written"] == 1.0
+    assert by_eos["rm/heldout_accuracy_written"] == 0.5
+    assert by_min["rm/heldout_accuracy_direct"] == by_eos["rm/heldout_accuracy_direct"] == 0.5
+    assert by_min["rm/heldout_accuracy"] == 0.75
+    np.testing.assert_allclose(by_min["rm/heldout_margin"], (0.7 + 0.2 - (-0.6) - 0.2) / 2)
+
+
+def test_class_balanced_weights_give_each_side_half():
+    from vcppo_jax.stages import reward_model as rm
+
+    w = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]], np.float32)
+    wrong = np.array([[0, 0, 0, 0, 0], [0, 0, 1, 0, 1]], bool)  # A padded slot marked too.
+    out = rm.class_balanced(w, wrong)
+    np.testing.assert_allclose(out.sum(), w.sum())
+    np.testing.assert_allclose((out * wrong).sum(), w.sum() / 2)
+    np.testing.assert_allclose(out[1, 2], 3.5)
+    np.testing.assert_allclose(out[0, 0], 3.5 / 6)
+    assert out[0, 4] == out[1, 4] == 0.0  # Unweighted slots stay out.
+    np.testing.assert_array_equal(rm.class_balanced(w, np.zeros_like(wrong)), w)

@@ -262,6 +262,11 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     rm = [r for r in rows(wd) if r["stage"] == "reward_model"]
     assert "rm/heldout_accuracy" not in rm[1]  # Held-out scores after the last step only here.
     assert {"rm/heldout_accuracy_written", "rm/heldout_accuracy_direct"} <= set(rm[2])
+    # Both ways of reading a response's score are logged; the unprefixed ones follow
+    # reward_model.score (EOS by default).
+    for key in ("accuracy", "accuracy_written", "accuracy_direct", "margin"):
+        assert rm[2][f"rm/heldout_{key}"] == rm[2][f"rm/heldout_last_token_{key}"]
+        assert f"rm/heldout_min_{key}" in rm[2]
 
     # Starting from another run's SFT policy (the VC-PPO run: same seed, model, task and SFT
     # settings) skips SFT and then runs exactly as if SFT had been trained here.

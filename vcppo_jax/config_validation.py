@@ -20,7 +20,7 @@ from vcppo_jax.data.synthetic import LABELS
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
 from vcppo_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 from vcppo_jax.sharding import MESH_AXES, ShardingError, mesh_shape
-from vcppo_jax.stages.reward_model import LOSS_ON, PAIRS
+from vcppo_jax.stages.reward_model import LOSS_ON, PAIRS, SCORES
 
 CRITIC_INITS = ("reward_model", "policy", "value_pretrain")
 OFFSET_PROFILES = ("constant", "linear")
@@ -278,6 +278,7 @@ def validate_supervised(check: Checker) -> None:
     check("reward_model.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
     pairs = check("reward_model.pairs", *one_of(PAIRS))
     check("reward_model.loss_on", *one_of(LOSS_ON))
+    check("reward_model.score", *one_of(SCORES))
     rm_batch = check.get("reward_model.batch_size")
     if pairs == "same_problem" and positive_int(rm_batch) and rm_batch % 2:
         check.problem(

@@ -138,6 +138,7 @@ class Experiment:
             c.reward_model.min_terms,
             c.reward_model.pairs,
             c.reward_model.loss_on,
+            c.reward_model.score,
         )
         self.vp_settings = value_pretrain_stage.Settings(
             c.value_pretrain.lambda_, c.gae.gamma, c.ppo.epochs, c.ppo.loss_agg_mode

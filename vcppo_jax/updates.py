@@ -77,6 +77,13 @@ def reward_scores(model_config: ModelConfig, params, tokens, last_positions):
     return jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def reward_token_scores(model_config: ModelConfig, params, tokens, positions):
+    """The reward model's score at every response token's own slot (after reading that token)
+    -> [B, N]; ``reward_model.score`` says how a response's score is read from them."""
+    return gather_positions(models.values(model_config, params, tokens), positions)
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
 def reward_model_step(
     model_config: ModelConfig,
@@ -91,7 +98,8 @@ def reward_model_step(
     """MSE of the score against each response's +1 / -1 outcome: at its last token, or (given
     ``positions`` and ``mask``, ``reward_model.loss_on='every_token'``) the mean over every
     response token's slot, each regressed on the outcome (a token-level verifier objective),
-    or on its own target in ``token_targets`` (``loss_on='process'``).
+    or on its own target in ``token_targets`` (``loss_on="process"``; ``"first_slip"`` is the
+    same with ``mask`` 0 after the slip).
 
     last_positions [B]: slot of the last response token; targets [B] float32; positions /
     mask / token_targets [B, N]: every response token's slot, 1 on real tokens, the target of

@@ -37,15 +37,24 @@ class Settings:
     # "last_token": the score at EOS regressed on the outcome; "every_token": every response
     # token's score is (a token-level verifier objective); "process": every token's score
     # regressed on whether the response is still right up to that token (process
-    # supervision: wrong from the first token where it leaves the right answer on). Scored at
-    # EOS either way.
+    # supervision: wrong from the first token where it leaves the right answer on);
+    # "first_slip": the same targets up to and including that token, none after it (as step
+    # labels stop at the first wrong step), so a slip need only be seen where it happens; the
+    # slips and the right slots weigh half each (``class_balanced``).
     loss_on: str = "last_token"
+    # How a response's score is read: "last_token" (at EOS, as outcome reward models are read)
+    # or "min" (the lowest score over its tokens, as process reward models aggregate steps:
+    # a slip found where it happens need not be carried to EOS). Held-out metrics are reported
+    # for both; the unprefixed ones follow this field.
+    score: str = "last_token"
 
 
 # Ways to draw a training batch (``reward_model.pairs``); see ``Settings.pairs``.
 PAIRS = ("independent", "same_problem")
 # Where the loss is taken (``reward_model.loss_on``); see ``Settings.loss_on``.
-LOSS_ON = ("last_token", "every_token", "process")
+LOSS_ON = ("last_token", "every_token", "process", "first_slip")
+# How a response's score is read from its tokens' scores (``reward_model.score``).
+SCORES = ("last_token", "min")
 
 # Held-out problems come from this seed; training draws its seeds below 2**31.
 HELDOUT_SEED = 2**31 + 17
@@ -89,10 +98,13 @@ def step(
     last = positions[np.arange(len(problems)), b.lengths - 1]
     every = (b.positions, b.mask) if settings.loss_on != "last_token" else (None, None)
     per_token = None
-    if settings.loss_on == "process":
-        per_token = ctx.put(
-            process_targets(ctx.tokenizer, problems, responses, positions.shape[1], settings)
-        )
+    if settings.loss_on in ("process", "first_slip"):
+        width = positions.shape[1]
+        per_token = ctx.put(process_targets(ctx.tokenizer, problems, responses, width, settings))
+        if settings.loss_on == "first_slip":
+            keep = ctx.host(b.mask) * up_to_slip(ctx.tokenizer, problems, responses, width)
+            wrong = ctx.host(per_token) == settings.incorrect
+            every = (b.positions, ctx.put(class_balanced(keep, wrong)))
     return updates.reward_model_step(
         ctx.model_config,
         state,
@@ -115,6 +127,36 @@ def first_slip(tokenizer, response: str, reference: str) -> int | None:
     return None if len(got) == len(ref) else min(len(got), len(ref))
 
 
+def _slips(tokenizer, problems: list, responses: list[str]) -> list[int | None]:
+    """Each response's first slip against its problem's right answer on its route."""
+    out = []
+    for p, r in zip(problems, responses, strict=True):
+        ref = p.direct_solution if rollout.is_direct(r) else p.full_solution
+        out.append(first_slip(tokenizer, r, ref))
+    return out
+
+
+def up_to_slip(tokenizer, problems: list, responses: list[str], width: int) -> np.ndarray:
+    """[B, width] 1 on a response's tokens up to and including its slip (every slot of a right
+    response), 0 after it: the slots ``loss_on="first_slip"`` trains on."""
+    out = np.ones((len(responses), width), np.float32)
+    for i, j in enumerate(_slips(tokenizer, problems, responses)):
+        if j is not None:
+            out[i, j + 1 :] = 0.0
+    return out
+
+
+def class_balanced(weights: np.ndarray, wrong: np.ndarray) -> np.ndarray:
+    """``weights`` rescaled so the slots marked ``wrong`` and the others weigh half each, the
+    total unchanged: under ``loss_on="first_slip"`` a wrong answer has one wrong slot among
+    hundreds of right ones, and a score of +1 everywhere would otherwise be nearly optimal."""
+    w = weights.astype(np.float32)
+    total, neg = w.sum(), (w * wrong).sum()
+    if neg == 0 or neg == total:
+        return w
+    return np.where(wrong, w * 0.5 * total / neg, w * 0.5 * total / (total - neg))
+
+
 def process_targets(
     tokenizer, problems: list, responses: list[str], width: int, settings: Settings
 ) -> np.ndarray:
@@ -123,9 +165,7 @@ def process_targets(
     where it leaves its problem's right answer on its route), ``settings.incorrect`` from the
     slip on. Slots past a response's end are masked out by the caller."""
     out = np.full((len(responses), width), settings.correct, np.float32)
-    for i, (p, r) in enumerate(zip(problems, responses, strict=True)):
-        ref = p.direct_solution if rollout.is_direct(r) else p.full_solution
-        j = first_slip(tokenizer, r, ref)
+    for i, j in enumerate(_slips(tokenizer, problems, responses)):
         if j is not None:
             out[i, j:] = settings.incorrect
     return out
@@ -154,18 +194,39 @@ def answered_four_ways(
     return prompts, responses, np.array(right), np.array(written)
 
 
+def response_scores(token_scores: np.ndarray, mask: np.ndarray, how: str) -> np.ndarray:
+    """Each response's score [B] from its tokens' scores [B, N] (``mask`` 1 on real tokens,
+    every row at least one): the last real token's ("last_token") or the lowest ("min")."""
+    real = mask > 0
+    if how == "last_token":
+        last = real.shape[1] - 1 - np.argmax(real[:, ::-1], axis=1)
+        return token_scores[np.arange(len(token_scores)), last]
+    if how == "min":
+        return np.where(real, token_scores, np.inf).min(axis=1)
+    raise ValueError(f"reward_model.score={how!r}: expected one of {SCORES}")
+
+
 def evaluate(ctx: Context, state: TrainState, settings: Settings) -> dict[str, float]:
-    """The reward model's separation of right from wrong answers on the held-out set."""
+    """The reward model's separation of right from wrong answers on the held-out set, by the
+    configured score (``rm/heldout_*``) and by each way of reading it
+    (``rm/heldout_<score>_*``)."""
     prompts, responses, right, written = heldout_set(ctx.task, settings.eval_problems)
-    scores = []
+    scores = {how: [] for how in SCORES}
     chunk = settings.batch_size
     for i in range(0, len(prompts), chunk):
         b = ctx.encode_pairs(prompts[i : i + chunk], responses[i : i + chunk])
-        last = ctx.host(b.positions)[np.arange(len(b.lengths)), b.lengths - 1]
-        scores.append(
-            ctx.host(updates.reward_scores(ctx.model_config, state.params, b.tokens, ctx.put(last)))
+        v = ctx.host(
+            updates.reward_token_scores(ctx.model_config, state.params, b.tokens, b.positions)
         )
-    return separation(np.concatenate(scores), right, written, settings)
+        mask = ctx.host(b.mask)
+        for how in SCORES:
+            scores[how].append(response_scores(v, mask, how))
+    scores = {how: np.concatenate(s) for how, s in scores.items()}
+    out = separation(scores[settings.score], right, written, settings)
+    for how in SCORES:
+        for k, val in separation(scores[how], right, written, settings).items():
+            out[k.replace("rm/heldout_", f"rm/heldout_{how}_")] = val
+    return out
 
 
 def separation(
