@@ -127,6 +127,16 @@ def summarise(wd: str) -> dict:
     margin = [r["mechanism/collapse_margin"] for r in ppo if "mechanism/collapse_margin" in r]
     if margin:
         out["initial_collapse_margin"] = margin[0]
+    # The trajectory at every evaluation (the per-run table) and the run's wall time.
+    out["eval_steps"] = [r["step"] for r in evals]
+    out["greedy_accuracy_by_eval"] = acc
+    if all("eval/response_length" in r for r in evals):
+        out["greedy_length_by_eval"] = [r["eval/response_length"] for r in evals]
+    if all("eval/direct_fraction" in r for r in evals):
+        out["sampled_direct_share_by_eval"] = [r["eval/direct_fraction"] for r in evals]
+    times = [r["time"] for r in rows if "time" in r]
+    if len(times) > 1:
+        out["minutes"] = (times[-1] - times[0]) / 60
     out["collapsed"] = bool(
         out["min_length_ratio"] < COLLAPSE_LENGTH_RATIO
         and out["min_accuracy"] < out["initial_accuracy"] - COLLAPSE_ACCURACY_DROP
@@ -159,6 +169,43 @@ def write_table(results: dict, out: str) -> str:
             )
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "collapse_table.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def write_runs_table(results: dict, out: str) -> str:
+    """results[cell][method][seed] -> ``runs_table.md``: every run's held-out greedy accuracy
+    and length at each evaluation, the direct share of its sampled answers first -> last, its
+    collapse margin at the first PPO step and its minutes."""
+    lines = [
+        "Every run: held-out greedy accuracy (%) and greedy response length (tokens) at each "
+        "evaluation, the direct share of sampled answers (%) at the first -> last evaluation, "
+        "the collapse margin (reward_short - value_prefix_short) at the first PPO step, and "
+        "the run's wall time.",
+        "",
+        "| cell | method | seed | eval steps | greedy accuracy (%) | greedy length | "
+        "direct share (%) | collapse margin, step 0 | minutes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    join = lambda xs, scale=1.0, fmt="{:.1f}": " / ".join(fmt.format(scale * x) for x in xs)
+    for cell, per_method in results.items():
+        for method, per_seed in per_method.items():
+            for seed, r in per_seed.items():
+                length = join(r["greedy_length_by_eval"], fmt="{:.0f}") if (
+                    "greedy_length_by_eval" in r) else "n/a"  # fmt: skip
+                share = r.get("sampled_direct_share_by_eval")
+                share = f"{100 * share[0]:.0f} -> {100 * share[-1]:.0f}" if share else "n/a"
+                margin = r.get("initial_collapse_margin")
+                margin = "n/a" if margin is None else f"{margin:+.2f}"
+                minutes = f"{r['minutes']:.1f}" if "minutes" in r else "n/a"
+                lines.append(
+                    f"| {cell} | {MAP_METHODS[method][2]} | {seed.removeprefix('seed_')} | "
+                    f"{' / '.join(str(s) for s in r['eval_steps'])} | "
+                    f"{join(r['greedy_accuracy_by_eval'], 100.0)} | {length} | {share} | "
+                    f"{margin} | {minutes} |"
+                )
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "runs_table.md"), "w") as f:
         f.write(text)
     return text
 
@@ -333,6 +380,7 @@ def main() -> None:
         print("[collapse_map] no finished runs to report", flush=True)
         return
     print(write_table(results, args.out))
+    write_runs_table(results, args.out)
     for p in draw(results, axes, args.out):
         print(p)
     # The mechanism by step in the most biased cell, per method (its finished runs).

@@ -40,6 +40,8 @@ def test_summary_flags_a_collapse_only_when_length_and_accuracy_both_fall(tmp_pa
     assert s["max_direct_fraction"] == pytest.approx(0.5)
     assert s["initial_collapse_margin"] == pytest.approx(0.5)
     assert s["collapsed"]  # Recovered by the end, but it did collapse on the way.
+    assert s["eval_steps"] == [0, 2, 4] and s["greedy_accuracy_by_eval"] == [0.9, 0.5, 0.85]
+    assert "minutes" not in s and "greedy_length_by_eval" not in s  # Not in these rows.
     fake_run(tmp_path / "b", [100, 60, 90], [0.9, 0.85, 0.9])  # Shorter, not worse.
     assert not cm.summarise(str(tmp_path / "b"))["collapsed"]
     fake_run(tmp_path / "c", [100, 95, 90], [0.9, 0.3, 0.3])  # Worse, not shorter.
@@ -70,6 +72,12 @@ def test_table_and_heat_maps(tmp_path):
     assert "| off-2_constant_terms12_lam0.95_lr3 | PPO | 1.00 | 0.40 | 90 -> 90 | 2/2 |" in text
     assert "| off-2_constant_terms12_lam0.95_lr3 | VC-PPO | 1.00 | 1.00 | 90 -> 90 | 0/2 |" in text
     assert "| off0_constant_terms12_lam0.95_lr3 | PPO | 1.00 | 1.00 | 90 -> 90 | 0/2 |" in text
+    runs_text = cm.write_runs_table(results, str(tmp_path))
+    assert (
+        "| off-2_constant_terms12_lam0.95_lr3 | PPO | 1 | 0 / 2 / 4 | 90.0 / 20.0 / 90.0 | n/a | "
+        "n/a | +0.50 | n/a |" in runs_text
+    )
+    assert runs_text == open(os.path.join(tmp_path, "runs_table.md")).read()
     figs = cm.draw(results, axes, str(tmp_path))
     assert sorted(os.path.basename(f) for f in figs) == [
         "final_accuracy.png",
