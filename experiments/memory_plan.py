@@ -10,9 +10,14 @@ rollout batch; the activations kept for the backward pass with per-layer remat (
 working memory with the kernel ``model.attention`` stands for on ``--backend`` (xla: the
 float32 scores and the probabilities, ``[B, H, T, T]``; blockwise: one key block of them,
 ``[B, H, T, 512]``, and the float32 accumulator; cudnn: the saved float32 log-sum-exp
-``[B, H, T]``, the kernel's tiles living on chip). The model shape is
-Qwen2.5-32B's (64 layers, hidden 5120, MLP 27648, 40 heads / 8 KV heads, vocabulary 152,064)
-when the config names no smaller model.
+``[B, H, T]``, the kernel's tiles living on chip). The model shape is Qwen2.5-32B's (64
+layers, hidden 5120, MLP 27648, 40 heads / 8 KV heads, vocabulary 152,064) when the config
+loads a checkpoint (``model.hf_path``: the pod variants), and the config's own ``model.*``
+shape otherwise (``small``, ``tiny``: the synthetic task, whose prompts are at most
+``prompt_budget`` tokens). Without remat (``model.remat="none"``) every layer's working set is
+kept for the backward pass, not one.
+
+    python -m experiments.memory_plan --config=configs/vcppo.py:small --devices 1
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vcppo_jax import models, sharding, train_state
@@ -73,8 +79,24 @@ def attention_bytes(kind: str, b: int, heads: int, t: int, head_size: int) -> in
     raise ValueError(f"no memory model for attention={kind!r}")
 
 
-def plan(config, devices: int, backend: str = "gpu") -> dict[str, float]:
-    mcfg = QWEN25_32B
+def model_shape(config) -> ModelConfig:
+    """The model the plan counts: Qwen2.5-32B for a checkpoint, else the config's own shape."""
+    m = config.model
+    if m.hf_path:
+        return QWEN25_32B
+    return ModelConfig.from_fields(m, config.data.tokenizer_vocab_size)
+
+
+def plan(
+    config, devices: int, backend: str = "gpu", prompt_budget: int | None = None
+) -> dict[str, float]:
+    """Bytes per device by item (keys starting with "_" describe the plan). ``prompt_budget``:
+    the prompt tokens counted per sequence (default 1024 for a checkpoint's prompts, 256 for
+    the synthetic task's)."""
+    mcfg = model_shape(config)
+    if prompt_budget is None:
+        prompt_budget = 1024 if config.model.hf_path else 256
+    abytes = jnp.dtype(mcfg.dtype).itemsize
     mesh_shape = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     out = {}
@@ -90,20 +112,31 @@ def plan(config, devices: int, backend: str = "gpu") -> dict[str, float]:
     out["reference parameters"] = out["policy parameters"]
     batch_shards = math.prod(mesh_shape[a] for a in sharding.batch_axes(rules))
     b = max(1, config.rollout.prompts_per_step * config.rollout.samples_per_prompt // batch_shards)
-    t = 1024 + config.rollout.max_new_tokens  # Prompt budget + response.
+    t = prompt_budget + config.rollout.max_new_tokens
     kv_shards = mesh_shape["tensor"] if mcfg.num_kv_heads % mesh_shape["tensor"] == 0 else 1
     out["KV cache (one rollout batch)"] = (
-        2 * mcfg.num_layers * b * t * mcfg.num_kv_heads * mcfg.head_size * 2 // kv_shards
+        2 * mcfg.num_layers * b * t * mcfg.num_kv_heads * mcfg.head_size * abytes // kv_shards
     )
     mb = max(1, b // config.ppo.minibatches)
     e = mcfg.hidden_size
-    out["activations (per-layer remat, one minibatch)"] = (
-        mcfg.num_layers * mb * t * e * 2  # Residual stream kept at each layer boundary.
-        + mb * t * (4 * e + 3 * mcfg.intermediate_size // mesh_shape["tensor"]) * 2
-    )
+    layer_set = mb * t * (4 * e + 3 * mcfg.intermediate_size // mesh_shape["tensor"]) * abytes
+    if mcfg.remat == "none":
+        out["activations (no remat: every layer's working set, one minibatch)"] = (
+            mcfg.num_layers * (mb * t * e * abytes + layer_set)
+        )
+    else:
+        out["activations (per-layer remat, one minibatch)"] = (
+            mcfg.num_layers * mb * t * e * abytes  # Residual stream kept at each layer boundary.
+            + layer_set
+        )
+    # The logits of one minibatch in float32 (the log-probabilities' softmax).
+    vocab_shards = mesh_shape["tensor"] if mcfg.vocab_size % mesh_shape["tensor"] == 0 else 1
+    out["logits (float32, one minibatch)"] = mb * t * mcfg.vocab_size * 4 // vocab_shards
     kind = attention_lib.resolve(config.model.attention, backend)
     heads = mcfg.num_heads // mesh_shape["tensor"]
-    out[f"attention working memory ({kind}, one layer, one minibatch)"] = attention_bytes(
+    layers = mcfg.num_layers if mcfg.remat == "none" else 1  # Kept for every layer, or one.
+    where = "every layer" if layers > 1 else "one layer"
+    out[f"attention working memory ({kind}, {where}, one minibatch)"] = layers * attention_bytes(
         kind, mb, heads, t, mcfg.head_size
     )
     out["_mesh"] = mesh_shape
@@ -116,6 +149,7 @@ def main():
     parser.add_argument("--config", default="configs/vcppo.py:qwen2.5-32b")
     parser.add_argument("--devices", type=int, default=256)
     parser.add_argument("--backend", default="gpu", help="what model.attention=auto resolves on")
+    parser.add_argument("--prompt_budget", type=int, default=None, help="prompt tokens counted")
     args = parser.parse_args()
     path, _, arg = args.config.partition(":")
     import importlib.util
@@ -124,13 +158,13 @@ def main():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(arg or None)
-    result = plan(config, args.devices, args.backend)
+    result = plan(config, args.devices, args.backend, args.prompt_budget)
     print(f"mesh {result.pop('_mesh')}, {result.pop('_per_device_batch')} sequences per device")
     total = 0
     for k, v in result.items():
         total += v
-        print(f"  {k:48s} {v / 2**30:8.2f} GiB")
-    print(f"  {'total per device':48s} {total / 2**30:8.2f} GiB")
+        print(f"  {k:66s} {v / 2**30:8.2f} GiB")
+    print(f"  {'total per device':66s} {total / 2**30:8.2f} GiB")
 
 
 if __name__ == "__main__":

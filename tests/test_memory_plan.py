@@ -27,3 +27,24 @@ def test_attention_working_memory_by_kernel():
     # 2 sequences x 10 heads x 9,216^2 x 6 bytes: ~10 GB, against ~0.6 GB by blocks.
     assert memory_plan.attention_bytes("xla", 2, 10, 9216, 128) == 2 * 10 * 9216**2 * 6
     assert xla[key(xla, "xla")] > 15 * cpu[key(cpu, "blockwise")]
+
+
+def test_small_variant_validates_and_fits_one_80gb_gpu():
+    from vcppo_jax import config_validation
+
+    c = vcppo.get_config("small")
+    config_validation.validate_config(c)
+    result = memory_plan.plan(c, devices=1)
+    assert result["_mesh"] == {"data": 1, "fsdp": 1, "tensor": 1}
+    # The config's own shape is counted, not the pod's: 8 layers of width 512, float32.
+    shape = memory_plan.model_shape(c)
+    assert (shape.num_layers, shape.hidden_size) == (8, 512)
+    assert result["policy parameters"] < 2**30
+    total = sum(v for k, v in result.items() if not k.startswith("_"))
+    assert total < 80 * 2**30
+    # With the materialised scores kept for all 8 layers (no remat) it would not be small.
+    c.unlock()
+    c.model.attention = "xla"
+    xla = memory_plan.plan(c, devices=1)
+    attn = next(v for k, v in xla.items() if k.startswith("attention working memory (xla, every"))
+    assert attn == 8 * memory_plan.attention_bytes("xla", 64, 8, 256 + 512, 64)

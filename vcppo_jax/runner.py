@@ -246,19 +246,9 @@ class Experiment:
             )
             check_vocab(self.tokenizer, self._hf_config)
             return self._hf_config
-        vocab = int(np.ceil(self.tokenizer.vocab_size / 8) * 8)
-        return ModelConfig(
-            vocab_size=vocab,
-            hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            num_kv_heads=m.num_kv_heads,
-            param_dtype=m.param_dtype,
-            dtype=m.dtype,
-            remat=m.remat,
-            attention=m.attention,
-            rope_theta=float(m.rope_theta),
+        return ModelConfig.from_fields(
+            m,
+            self.tokenizer.vocab_size,
             max_position_embeddings=1024,
             bos_token_id=self.tokenizer.bos_id,
             eos_token_id=self.tokenizer.eos_id,

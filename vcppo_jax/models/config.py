@@ -99,3 +99,22 @@ class ModelConfig:
     def replace(self, **kw) -> ModelConfig:
         """A copy with the given fields changed."""
         return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def from_fields(cls, m, vocab_size: int, **kw) -> ModelConfig:
+        """The decoder a run's ``model.*`` config fields describe (no checkpoint), with a
+        vocabulary of ``vocab_size`` rounded up to a multiple of 8; ``kw`` sets the rest."""
+        return cls(
+            vocab_size=-(-vocab_size // 8) * 8,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            param_dtype=m.param_dtype,
+            dtype=m.dtype,
+            remat=m.remat,
+            attention=m.attention,
+            rope_theta=float(m.rope_theta),
+            **kw,
+        )
