@@ -268,6 +268,18 @@ def test_reward_model_heldout_set_and_separation():
     assert got["rm/heldout_accuracy_direct"] == 0.5
     assert got["rm/heldout_accuracy"] == 0.625
     np.testing.assert_allclose(got["rm/heldout_margin"], (0.8 / 4) - (-0.3 / 4))
+    # Pairs (right, wrong) by hand: (0.9, -0.2) won, (0.1, 0.4) lost, (-0.5, -0.7) won,
+    # (0.3, 0.2) won; no threshold involved.
+    assert got["rm/heldout_pair_accuracy_written"] == 0.5
+    assert got["rm/heldout_pair_accuracy_direct"] == 1.0
+    assert got["rm/heldout_pair_accuracy"] == 0.75
+    tied = rm.separation(np.full(8, -0.9), r, w, settings)
+    assert tied["rm/heldout_pair_accuracy"] == 0.5 and tied["rm/heldout_accuracy"] == 0.5
+    # Every score on one side of the midpoint, yet ranked right: the sign says chance, the
+    # pairs say perfect.
+    ranked = rm.separation(np.array([-0.1, -0.9] * 4), r, w, settings)
+    assert ranked["rm/heldout_accuracy"] == 0.5 and ranked["rm/heldout_pair_accuracy"] == 1.0
+    assert "rm/heldout_pair_accuracy" not in rm.separation(scores[:3], r[:3], w[:3], settings)
     # Targets 0 / -1: the midpoint -0.5 separates.
     got = rm.separation(scores, r, w, rm.Settings(4, 0.3, 0.0, -1.0))
     assert got["rm/heldout_accuracy_written"] == 0.5  # Every written score is above -0.5.

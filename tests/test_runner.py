@@ -267,6 +267,17 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     for key in ("accuracy", "accuracy_written", "accuracy_direct", "margin"):
         assert rm[2][f"rm/heldout_{key}"] == rm[2][f"rm/heldout_last_token_{key}"]
         assert f"rm/heldout_min_{key}" in rm[2]
+    assert 0.0 <= rm[2]["rm/heldout_pair_accuracy"] <= 1.0
+    # Re-scored from the finished run's checkpoint (experiments/rm_heldout.py): the logged
+    # numbers again, from a copy, the run's own files untouched.
+    from experiments import rm_heldout
+
+    before = open(os.path.join(wd, "metrics.jsonl")).read()
+    again = rm_heldout.score(wd)
+    for k, v in rm[2].items():
+        if k.startswith("rm/heldout"):
+            assert again[k] == pytest.approx(v, abs=1e-6), k
+    assert open(os.path.join(wd, "metrics.jsonl")).read() == before
 
     # Starting from another run's SFT policy (the VC-PPO run: same seed, model, task and SFT
     # settings) skips SFT and then runs exactly as if SFT had been trained here.

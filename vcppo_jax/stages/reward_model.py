@@ -6,7 +6,10 @@ set: ``reward_model.eval_problems`` problems never drawn for training, each with
 wrong answer on each route (4 responses). A response counts as separated when its score lies
 on its own side of the midpoint of the two targets; ``rm/heldout_accuracy`` (and by route,
 ``..._written``, ``..._direct``) is the share separated, ``rm/heldout_margin`` the mean score
-of right answers minus that of wrong ones.
+of right answers minus that of wrong ones. ``rm/heldout_pair_accuracy`` (and by route) needs
+no threshold: the share of (problem, route) pairs whose right answer scores above its wrong one
+(a tie counts half), the preference accuracy reward models are usually reported by; a model
+that ranks answers well but sits on one side of the midpoint shows there, not in the sign.
 """
 
 from __future__ import annotations
@@ -236,9 +239,18 @@ def separation(
     mid = 0.5 * (settings.correct + settings.incorrect)
     sign = 1.0 if settings.correct > settings.incorrect else -1.0
     ok = (sign * (scores - mid) > 0) == right
-    return {
+    out = {
         "rm/heldout_accuracy": float(ok.mean()),
         "rm/heldout_accuracy_written": float(ok[written].mean()),
         "rm/heldout_accuracy_direct": float(ok[~written].mean()),
         "rm/heldout_margin": float(scores[right].mean() - scores[~right].mean()),
     }
+    # Pairs as answered_four_ways lays them out: each right answer followed by its wrong one.
+    if len(scores) % 2 == 0 and right[0::2].all() and not right[1::2].any():
+        d = sign * (scores[0::2] - scores[1::2])
+        won = np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0))
+        pw = written[0::2]
+        out["rm/heldout_pair_accuracy"] = float(won.mean())
+        out["rm/heldout_pair_accuracy_written"] = float(won[pw].mean())
+        out["rm/heldout_pair_accuracy_direct"] = float(won[~pw].mean())
+    return out
