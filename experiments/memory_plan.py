@@ -120,23 +120,18 @@ def plan(
     mb = max(1, b // config.ppo.minibatches)
     e = mcfg.hidden_size
     layer_set = mb * t * (4 * e + 3 * mcfg.intermediate_size // mesh_shape["tensor"]) * abytes
-    if mcfg.remat == "none":
-        out["activations (no remat: every layer's working set, one minibatch)"] = (
-            mcfg.num_layers * (mb * t * e * abytes + layer_set)
-        )
-    else:
-        out["activations (per-layer remat, one minibatch)"] = (
-            mcfg.num_layers * mb * t * e * abytes  # Residual stream kept at each layer boundary.
-            + layer_set
-        )
+    # One layer's working set is live at a time under remat; without it every layer's is kept.
+    kept = mcfg.num_layers if mcfg.remat == "none" else 1
+    residuals = mcfg.num_layers * mb * t * e * abytes  # The stream at each layer boundary.
+    what = "no remat: every layer's working set" if kept > 1 else "per-layer remat"
+    out[f"activations ({what}, one minibatch)"] = residuals + kept * layer_set
     # The logits of one minibatch in float32 (the log-probabilities' softmax).
     vocab_shards = mesh_shape["tensor"] if mcfg.vocab_size % mesh_shape["tensor"] == 0 else 1
     out["logits (float32, one minibatch)"] = mb * t * mcfg.vocab_size * 4 // vocab_shards
     kind = attention_lib.resolve(config.model.attention, backend)
     heads = mcfg.num_heads // mesh_shape["tensor"]
-    layers = mcfg.num_layers if mcfg.remat == "none" else 1  # Kept for every layer, or one.
-    where = "every layer" if layers > 1 else "one layer"
-    out[f"attention working memory ({kind}, {where}, one minibatch)"] = layers * attention_bytes(
+    where = "every layer" if kept > 1 else "one layer"
+    out[f"attention working memory ({kind}, {where}, one minibatch)"] = kept * attention_bytes(
         kind, mb, heads, t, mcfg.head_size
     )
     out["_mesh"] = mesh_shape

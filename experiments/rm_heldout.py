@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import ml_collections
@@ -53,7 +52,6 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"workdir": args.workdir, **got}, f, indent=1, sort_keys=True)
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
