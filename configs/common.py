@@ -47,6 +47,12 @@ def base_config() -> ml_collections.ConfigDict:
     # "blockwise" (memory linear in length, any backend), "cudnn" (GPU flash kernel) or "auto"
     # (cudnn on a GPU, else blockwise; the choice is recorded in config.json's "resolved").
     c.model.attention = "xla"
+    # What the value models (reward model and critic) read: "hidden" (a linear head on the
+    # last hidden state, as the paper's reward model and critic) or "hidden+likelihood" (also
+    # a learned weight times the model's own log-likelihood of the token just read: a named
+    # departure, for a reward model that has to find one slipped digit in a long answer;
+    # README, "The long regime"). Value models of either kind start from the policy's weights.
+    c.model.value_inputs = "hidden"
 
     # Data: the synthetic long chain-of-thought task (vcppo_jax/data/synthetic.py).
     c.data = ml_collections.ConfigDict()
@@ -108,7 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
     # token-level verifier objective); "process": every token's score regressed on whether the
     # response is still right up to it (wrong from its first slip on); "first_slip": those
     # targets up to and including the slip, none after it (step labels stop at the first
-    # wrong step). reward_model.score says how a response's score is read.
+    # wrong step); "min": the lowest token score over the response regressed on the outcome
+    # (the outcome objective of a reward model read by score="min"). reward_model.score says
+    # how a response's score is read.
     c.reward_model.loss_on = "last_token"
     # How a response's score is read from its tokens' scores: "last_token" (at EOS) or "min"
     # (the lowest over the response, as process reward models aggregate steps). The held-out

@@ -245,3 +245,63 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
     st.save(weights, tensors, {"format": "pt"})
     with pytest.raises(hf.CheckpointError, match=rf"{bad} holds 3 non-finite value\(s\)"):
         hf.load_checkpoint(path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_value_head_reading_its_likelihood_matches_a_numpy_reference(tied):
+    """value_inputs="hidden+likelihood": the value at slot t is the linear head on the hidden
+    state plus w times log p(token t | tokens < t) under the model's own LM head; checked
+    against a NumPy log-softmax of the actor's logits on the same weights."""
+    base = ModelConfig(
+        vocab_size=24,
+        hidden_size=16,
+        intermediate_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        tie_word_embeddings=tied,
+    )
+    config = base.replace(value_inputs="hidden+likelihood")
+    critic = models.init_params(config, jax.random.key(3), head="value")
+    assert ("lm_head" in critic) != tied and float(critic["likelihood_weight"]) == 0.0
+    tokens = jnp.asarray(np.random.default_rng(7).integers(0, 24, size=(3, 11)))
+    plain = {k: v for k, v in critic.items() if k not in ("lm_head", "likelihood_weight")}
+    # A fresh weight of 0 leaves the plain head's values.
+    np.testing.assert_allclose(
+        np.asarray(models.values(config, critic, tokens)),
+        np.asarray(models.values(base, plain, tokens)),
+        atol=1e-6,
+    )
+    critic = dict(critic, likelihood_weight=jnp.asarray(0.7, jnp.float32))
+    critic["value_head"] = {"kernel": jnp.full((16, 1), 0.1), "bias": jnp.asarray([0.3])}
+    actor = {k: v for k, v in critic.items() if k in ("decoder", "lm_head")}
+    logits = np.asarray(models.forward(base, actor, tokens), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    tok = np.asarray(tokens)
+    want_lp = np.zeros(tok.shape)
+    for b in range(tok.shape[0]):
+        for t in range(1, tok.shape[1]):
+            want_lp[b, t] = logits[b, t - 1, tok[b, t]] - logz[b, t - 1]
+    hidden_part = np.asarray(
+        models.values(base, dict(plain, value_head=critic["value_head"]), tokens)
+    )
+    got = np.asarray(models.values(config, critic, tokens))
+    np.testing.assert_allclose(got, hidden_part + 0.7 * want_lp, rtol=1e-5, atol=1e-5)
+    # The same log-likelihoods as the actor's own token_logprobs.
+    np.testing.assert_allclose(
+        want_lp, np.asarray(models.token_logprobs(base, actor, tokens)), atol=1e-5
+    )
+    g = jax.grad(lambda p: jnp.sum(models.values(config, p, tokens)))(critic)
+    assert float(jnp.abs(g["likelihood_weight"])) > 0  # The weight learns.
+
+
+def test_value_inputs_errors_and_hf_refusal(tmp_path):
+    shape = dict(
+        vocab_size=8, hidden_size=4, intermediate_size=4, num_layers=1, num_heads=1, num_kv_heads=1
+    )
+    with pytest.raises(ValueError, match="value_inputs='logits'"):
+        ModelConfig(**shape, value_inputs="logits")
+    config = ModelConfig(**shape, value_inputs="hidden+likelihood")
+    critic = models.init_params(config, jax.random.key(0), head="value")
+    with pytest.raises(NotImplementedError, match="value_inputs='hidden\\+likelihood'"):
+        hf.save_checkpoint(str(tmp_path), config, critic, head="value")

@@ -303,6 +303,35 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     assert out.returncode != 0 and "no finished SFT policy" in out.stderr
 
 
+def test_value_models_reading_their_likelihood_train_resume_and_refuse_a_change(full_run, tmp_path):
+    """model.value_inputs="hidden+likelihood": the reward model (first-slip targets, read by
+    its lowest token score) and the critic started from it carry the LM head and a
+    likelihood weight through a whole PPO run, from a shared SFT policy (an export, which
+    holds no value-model setting); a checkpoint of it is refused under the other setting."""
+    wd = str(tmp_path / "lik")
+    flags = (
+        f"--config.sft.init_from={full_run[0]}",
+        "--config.model.value_inputs=hidden+likelihood",
+        "--config.reward_model.loss_on=first_slip",
+        "--config.reward_model.score=min",
+    )
+    out = run_main(wd, *flags, config="configs/ppo.py:smoke")
+    assert out.returncode == 0, out.stderr[-3000:]
+    rs = rows(wd)
+    rm = [r for r in rs if r["stage"] == "reward_model"]
+    assert rm[-1]["rm/heldout_accuracy"] == rm[-1]["rm/heldout_min_accuracy"]
+    assert [r["stage"] for r in rs].count("ppo") == 3
+    with open(os.path.join(wd, "config.json")) as f:
+        assert json.load(f)["model"]["value_inputs"] == "hidden+likelihood"
+    out = run_main(wd, *flags[:1], *flags[2:], config="configs/ppo.py:smoke")
+    assert out.returncode != 0
+    assert "model.value_inputs: checkpoint has 'hidden+likelihood', config has 'hidden'" in (
+        out.stderr
+    )
+    out = run_main(str(tmp_path / "bad"), "--config.model.value_inputs=logprob")
+    assert out.returncode != 0 and "model.value_inputs='logprob'" in out.stderr
+
+
 def _checksum(stderr):
     line = [x for x in stderr.splitlines() if "policy parameter checksum" in x][-1]
     return float(line.rsplit(" ", 1)[1])

@@ -36,3 +36,11 @@ def test_value_model_on_the_policy_backbone_is_a_copy():
     assert all(
         a is not b for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(policy), strict=True)
     )
+
+
+def test_value_model_reading_its_likelihood_takes_the_policys_lm_head():
+    policy = {"decoder": {"w": jnp.full((2, 2), 3.0)}, "lm_head": jnp.full((2, 5), 2.0)}
+    value = dict(_value_params(), lm_head=jnp.zeros((2, 5)), likelihood_weight=jnp.zeros(()))
+    out = train_state.on_policy_backbone(value, policy)
+    assert float(out["lm_head"][0, 0]) == 2.0 and out["lm_head"] is not policy["lm_head"]
+    assert float(out["likelihood_weight"]) == 0.0  # Its own head stays.

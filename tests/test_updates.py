@@ -113,7 +113,7 @@ def test_actor_settings_are_checked_when_made():
         updates.ActorSettings(agg_mode="sum", kl_coef=-1.0)
 
 
-@pytest.mark.parametrize("loss_on", ["last_token", "every_token", "process"])
+@pytest.mark.parametrize("loss_on", ["last_token", "every_token", "process", "min"])
 def test_reward_model_loss_against_hand_computation(loss_on):
     """The reward-model loss at EOS, or over every response token's slot (masked mean), each
     against the outcome; accuracy at EOS either way."""
@@ -129,9 +129,16 @@ def test_reward_model_loss_against_hand_computation(loss_on):
     per_token = np.tile(t[:, None], (1, positions.shape[1])).astype(np.float32)
     per_token[1, :1] = 1.0
     kw = {}
+    acc = np.mean([np.sign(v[b, int(last[b])]) == np.sign(t[b]) for b in range(3)])
     if loss_on == "last_token":
         want = 0.5 * np.mean([(v[b, int(last[b])] - t[b]) ** 2 for b in range(3)])
         extra = ()
+    elif loss_on == "min":  # The lowest score over each response's own slots.
+        lows = [min(v[b, int(positions[b, j])] for j in range(lengths[b])) for b in range(3)]
+        want = 0.5 * np.mean([(lows[b] - t[b]) ** 2 for b in range(3)])
+        acc = np.mean([np.sign(lows[b]) == np.sign(t[b]) for b in range(3)])
+        extra = (positions, mask)
+        kw = {"on_min": True}
     else:
         tt = per_token if loss_on == "process" else np.tile(t[:, None], (1, positions.shape[1]))
         errs = [
@@ -143,7 +150,6 @@ def test_reward_model_loss_against_hand_computation(loss_on):
         extra = (positions, mask)
         if loss_on == "process":
             kw = {"token_targets": jnp.asarray(per_token)}
-    acc = np.mean([np.sign(v[b, int(last[b])]) == np.sign(t[b]) for b in range(3)])
     state = train_state.TrainState.create(params, train_state.make_optimizer(1e-2))
     state, m = updates.reward_model_step(CFG, state, tokens, last, targets, *extra, **kw)
     np.testing.assert_allclose(float(m["rm/loss"]), want, rtol=1e-5)

@@ -54,6 +54,11 @@ SFT_KEYS = (
 )
 
 
+# Settings a run's checkpoints depend on beyond the fingerprint (the value models' shapes),
+# which an exported SFT policy does not.
+RUN_KEYS = ("model.value_inputs",)
+
+
 def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Config fields a checkpoint's contents depend on (shapes and the data stream)."""
     keys = [
@@ -114,6 +119,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "data.carry_every": 0,
     "sft.min_terms": 0,
     "model.rope_theta": 10000.0,
+    "model.value_inputs": "hidden",
 }
 
 

@@ -19,6 +19,7 @@ from vcppo_jax.advantages import ESTIMATORS
 from vcppo_jax.data.synthetic import LABELS
 from vcppo_jax.losses import AGG_MODES, KL_ESTIMATORS
 from vcppo_jax.models.attention import IMPLEMENTATIONS as ATTENTION
+from vcppo_jax.models.config import VALUE_INPUTS
 from vcppo_jax.sharding import MESH_AXES, ShardingError, mesh_shape
 from vcppo_jax.stages.reward_model import LOSS_ON, PAIRS, SCORES
 
@@ -309,6 +310,7 @@ def validate_model(check: Checker) -> None:
     check("model.dtype", *one_of(DTYPES))
     check("model.remat", *one_of(REMAT))
     check("model.attention", *one_of(ATTENTION))
+    check("model.value_inputs", *one_of(VALUE_INPUTS))
 
 
 def validate_loop(check: Checker) -> None:

@@ -41,6 +41,7 @@ from vcppo_jax import (
 )
 from vcppo_jax import workdir as workdir_lib
 from vcppo_jax.checkpoint import (
+    RUN_KEYS,
     SFT_KEYS,
     Checkpointer,
     fingerprint,
@@ -243,6 +244,7 @@ class Experiment:
                 dtype=m.dtype,
                 remat=m.remat,
                 attention=m.attention,
+                value_inputs=m.get("value_inputs", "hidden"),
             )
             check_vocab(self.tokenizer, self._hf_config)
             return self._hf_config
@@ -346,7 +348,7 @@ class Experiment:
             "stage_step": stage_step,
             "stage": self.stages[stage_index] if stage_index < len(self.stages) else "done",
             "stages": self.stages,
-            "fingerprint": fingerprint(self.config),
+            "fingerprint": fingerprint(self.config, RUN_KEYS),
             "data": self.source.state(),
             "vp_history": self._vp_history,
         }
@@ -354,7 +356,7 @@ class Experiment:
         self.checkpointer.save(self._ckpt_step, self.states, meta, force=force)
 
     def _restore(self) -> tuple[int, int]:
-        restored = self.checkpointer.restore(self.states, fingerprint(self.config))
+        restored = self.checkpointer.restore(self.states, fingerprint(self.config, RUN_KEYS))
         self._ckpt_step = self.checkpointer.latest_step() or 0
         self._resumed_at = None
         if restored is None:

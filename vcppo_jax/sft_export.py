@@ -83,6 +83,7 @@ def load(path: str, model_config: ModelConfig):
         param_dtype=model_config.param_dtype,
         dtype=model_config.dtype,
         remat=model_config.remat,
+        value_inputs=model_config.value_inputs,  # A value model's setting; no policy weight.
     )
     if dataclasses.replace(saved, max_position_embeddings=0) != dataclasses.replace(
         model_config, max_position_embeddings=0

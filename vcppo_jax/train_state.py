@@ -83,9 +83,13 @@ def copy_tree(tree):
 
 def on_policy_backbone(value_params: dict, policy_params: dict) -> dict:
     """A value model's parameters on (a copy of) the policy's backbone, keeping its own value
-    head: how the reward model, and a critic started from the policy, are initialised."""
+    head: how the reward model, and a critic started from the policy, are initialised. A value
+    model that reads its own likelihood (``value_inputs="hidden+likelihood"``) also takes the
+    policy's LM head (untied embeddings; tied ones come with the decoder)."""
     params = dict(value_params)
     params["decoder"] = copy_tree(policy_params["decoder"])
+    if "lm_head" in value_params:
+        params["lm_head"] = copy_tree(policy_params["lm_head"])
     return params
 
 

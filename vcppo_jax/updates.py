@@ -84,7 +84,7 @@ def reward_token_scores(model_config: ModelConfig, params, tokens, positions):
     return gather_positions(models.values(model_config, params, tokens), positions)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="on_min", donate_argnums=1)
 def reward_model_step(
     model_config: ModelConfig,
     state: TrainState,
@@ -94,6 +94,7 @@ def reward_model_step(
     positions=None,
     mask=None,
     token_targets=None,
+    on_min: bool = False,
 ):
     """MSE of the score against each response's +1 / -1 outcome: at its last token, or (given
     ``positions`` and ``mask``, ``reward_model.loss_on='every_token'``) the mean over every
@@ -103,13 +104,20 @@ def reward_model_step(
 
     last_positions [B]: slot of the last response token; targets [B] float32; positions /
     mask / token_targets [B, N]: every response token's slot, 1 on real tokens, the target of
-    each. Accuracy is at the last token against ``targets``.
+    each. With ``on_min`` (``loss_on="min"``) the lowest score over the response's tokens
+    (given ``positions`` and ``mask``) is regressed on the outcome instead, the way a
+    ``score="min"`` reward model is read. Accuracy is of the score the loss is on (the last
+    token's, or the lowest) against ``targets``.
     """
 
     def loss_fn(params):
         v = models.values(model_config, params, tokens)
         score = jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
-        if positions is None:
+        if on_min:
+            per_token = jnp.where(mask > 0, gather_positions(v, positions), jnp.inf)
+            score = jnp.min(per_token, axis=1)
+            loss = 0.5 * jnp.mean(jnp.square(score - targets))
+        elif positions is None:
             loss = 0.5 * jnp.mean(jnp.square(score - targets))
         else:
             want = targets[:, None] if token_targets is None else token_targets

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# What a value model's head reads (``ModelConfig.value_inputs``).
+VALUE_INPUTS = ("hidden", "hidden+likelihood")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -43,6 +45,11 @@ class ModelConfig:
     # materialised), "blockwise" (memory linear in length), "cudnn" (GPU flash kernel) or
     # "auto" (cudnn on a GPU, else blockwise).
     attention: str = "xla"
+    # What a value model's head reads (reward model and critic): "hidden" (the last hidden
+    # state, a linear head: the usual value / reward head) or "hidden+likelihood" (that plus
+    # a learned weight times the model's own log-likelihood of the token just read, through
+    # its LM head: a departure from the usual reward model, for verifying long answers).
+    value_inputs: str = "hidden"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -60,6 +67,8 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {list(_DTYPES)}")
+        if self.value_inputs not in VALUE_INPUTS:
+            raise ValueError(f"value_inputs={self.value_inputs!r}; expected one of {VALUE_INPUTS}")
         from vcppo_jax.models.attention import IMPLEMENTATIONS
 
         if self.attention not in IMPLEMENTATIONS:
@@ -116,5 +125,6 @@ class ModelConfig:
             remat=m.remat,
             attention=m.attention,
             rope_theta=float(m.rope_theta),
+            value_inputs=m.get("value_inputs", "hidden"),
             **kw,
         )

@@ -155,6 +155,11 @@ def _name_map(config: ModelConfig, head: str) -> dict[str, tuple[tuple[str, ...]
         )
     if head == "lm" and not config.tie_word_embeddings:
         m["lm_head.weight"] = (("lm_head",), "t")
+    if head == "value" and config.value_inputs != "hidden":
+        raise NotImplementedError(
+            f"value_inputs={config.value_inputs!r}: a HF sequence-classification model has no "
+            "such head; only value models with value_inputs='hidden' convert"
+        )
     if head == "value":
         m["score.weight"] = (("value_head", "kernel"), "t")
         m["score.bias"] = (("value_head", "bias"), "same")

@@ -276,14 +276,15 @@ class Transformer(nn.Module):
     def setup(self):
         cfg = self.config
         self.decoder = Decoder(cfg)
-        if self.head == "lm" and not cfg.tie_word_embeddings:
+        reads_lm = self.head == "lm" or cfg.value_inputs == "hidden+likelihood"
+        if reads_lm and not cfg.tie_word_embeddings:
             self.lm_head = self.param(
                 "lm_head",
                 _init(("embed", "vocab")),
                 (cfg.hidden_size, cfg.vocab_size),
                 cfg.jnp_param_dtype,
             )
-        elif self.head == "value":
+        if self.head == "value":
             self.value_head = nn.Dense(
                 1,
                 dtype=jnp.float32,
@@ -292,6 +293,14 @@ class Transformer(nn.Module):
                 kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", None)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
             )
+            if cfg.value_inputs == "hidden+likelihood":
+                # Weight of the model's own log-likelihood of the token it has just read.
+                self.likelihood_weight = self.param(
+                    "likelihood_weight",
+                    nn.with_logical_partitioning(nn.initializers.zeros, ()),
+                    (),
+                    jnp.float32,
+                )
         elif self.head != "lm":
             raise ValueError(f"head must be 'lm' or 'value'; got {self.head!r}")
 
@@ -302,8 +311,22 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         hidden, new_cache, _ = self.decoder(tokens, positions, cache)
         if self.head == "value":
-            return self.value_head(hidden.astype(jnp.float32))[..., 0], new_cache
+            v = self.value_head(hidden.astype(jnp.float32))[..., 0]
+            if self.config.value_inputs == "hidden+likelihood":
+                v = v + self.likelihood_weight * self.read_token_logprobs(hidden, tokens)
+            return v, new_cache
         return hidden, new_cache
+
+    def read_token_logprobs(self, hidden, tokens):
+        """log p(tokens[:, t] | tokens[:, :t]) under this model's own LM head, at slot t
+        (0 at slot 0) -> [B, T] float32: how surprising the token just read was, the extra
+        input of a value model with ``value_inputs="hidden+likelihood"``. Forms the full
+        ``[B, T, V]`` logits (as one chunk of the actor's log-probs would)."""
+        logits = self.logits(hidden[:, :-1])
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        zero = jnp.zeros((tokens.shape[0], 1), jnp.float32)
+        return jnp.concatenate([zero, picked - logz], axis=1)
 
     def logits(self, hidden):
         """[..., E] -> float32 logits [..., V]."""

@@ -43,7 +43,10 @@ class Settings:
     # supervision: wrong from the first token where it leaves the right answer on);
     # "first_slip": the same targets up to and including that token, none after it (as step
     # labels stop at the first wrong step), so a slip need only be seen where it happens; the
-    # slips and the right slots weigh half each (``class_balanced``).
+    # slips and the right slots weigh half each (``class_balanced``); "min": the lowest score
+    # over the response's tokens regressed on the outcome (an outcome objective for a reward
+    # model read by ``score="min"``: a right answer's every token is pushed up to the right
+    # target, a wrong answer's lowest one down).
     loss_on: str = "last_token"
     # How a response's score is read: "last_token" (at EOS, as outcome reward models are read)
     # or "min" (the lowest score over its tokens, as process reward models aggregate steps:
@@ -55,7 +58,7 @@ class Settings:
 # Ways to draw a training batch (``reward_model.pairs``); see ``Settings.pairs``.
 PAIRS = ("independent", "same_problem")
 # Where the loss is taken (``reward_model.loss_on``); see ``Settings.loss_on``.
-LOSS_ON = ("last_token", "every_token", "process", "first_slip")
+LOSS_ON = ("last_token", "every_token", "process", "first_slip", "min")
 # How a response's score is read from its tokens' scores (``reward_model.score``).
 SCORES = ("last_token", "min")
 
@@ -116,6 +119,7 @@ def step(
         ctx.put(np.asarray(targets, np.float32)),
         *every,
         token_targets=per_token,
+        on_min=settings.loss_on == "min",
     )
 
 
