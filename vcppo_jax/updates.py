@@ -113,11 +113,9 @@ def reward_model_step(
     def loss_fn(params):
         v = models.values(model_config, params, tokens)
         score = jnp.take_along_axis(v, last_positions[:, None], axis=1)[:, 0]
-        if on_min:
-            per_token = jnp.where(mask > 0, gather_positions(v, positions), jnp.inf)
-            score = jnp.min(per_token, axis=1)
-            loss = 0.5 * jnp.mean(jnp.square(score - targets))
-        elif positions is None:
+        if on_min:  # The lowest score over the response, as score="min" reads it.
+            score = jnp.min(jnp.where(mask > 0, gather_positions(v, positions), jnp.inf), axis=1)
+        if on_min or positions is None:
             loss = 0.5 * jnp.mean(jnp.square(score - targets))
         else:
             want = targets[:, None] if token_targets is None else token_targets
