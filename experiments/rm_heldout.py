@@ -35,7 +35,7 @@ def score(workdir: str) -> dict[str, float]:
         copy = os.path.join(tmp, "run")
         shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("tensorboard", "*.lock"))
         exp = runner.Experiment(config, copy)
-        stage_index, _ = exp._restore()
+        stage_index, _ = exp.restore()
         if "reward_model" not in exp.stages or stage_index < exp.stages.index("reward_model"):
             raise SystemExit(f"error: {workdir}'s checkpoint has no trained reward model")
         return reward_model_stage.evaluate(exp.ctx, exp.states.reward_model, exp.rm_settings)

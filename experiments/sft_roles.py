@@ -91,7 +91,7 @@ def sft_experiment(sft_dir: str):
     config.ppo.steps = 0
     with tempfile.TemporaryDirectory() as wd:
         exp = runner.Experiment(config, wd)
-        exp._restore()
+        exp.restore()
         yield exp
 
 

@@ -355,7 +355,11 @@ class Experiment:
         self._ckpt_step += 1
         self.checkpointer.save(self._ckpt_step, self.states, meta, force=force)
 
-    def _restore(self) -> tuple[int, int]:
+    def restore(self) -> tuple[int, int]:
+        """Loads the workdir's latest checkpoint (refused if it is another config's) into
+        ``states``, the data stream and the metrics file; returns (stage index, step in that
+        stage) to go on from, (0, 0) when there is none. ``run`` calls it first; tools that
+        read a finished run's models call it alone."""
         restored = self.checkpointer.restore(self.states, fingerprint(self.config, RUN_KEYS))
         self._ckpt_step = self.checkpointer.latest_step() or 0
         self._resumed_at = None
@@ -579,7 +583,7 @@ class Experiment:
         """Runs the stages from where the workdir's checkpoint left off, checkpointing as it
         goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps."""
         c = self.config
-        stage_index, stage_step = self._restore()
+        stage_index, stage_step = self.restore()
         if jax.process_index() == 0:  # Only now: the checkpoint's fingerprint was accepted.
             record = json.loads(c.to_json_best_effort())
             # What "auto" settings stand for on this machine.

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vcppo_jax.models.config import ModelConfig
+from vcppo_jax.models.logprobs import LOGITS_CHUNK_BYTES, auto_chunk_size, chunked_logprobs
 from vcppo_jax.models.transformer import Transformer
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "token_logprobs",
     "values",
     "abstract_params",
+    "auto_chunk_size",
+    "LOGITS_CHUNK_BYTES",
 ]
 
 
@@ -66,47 +69,6 @@ def values(config: ModelConfig, params, tokens: jax.Array) -> jax.Array:
     return out
 
 
-LOGITS_CHUNK_BYTES = 256 * 2**20
-
-
-def auto_chunk_size(batch: int, vocab: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
-    """Largest power of two (>= 16) of positions whose [batch, chunk, vocab] float32 logits fit
-    in ``budget`` bytes."""
-    fit = max(1, budget // (4 * batch * vocab))
-    return max(16, 1 << (fit.bit_length() - 1))
-
-
-def _chunked_logprobs(config, params, hidden, targets, temperature, chunk_size, with_entropy):
-    """hidden [B, T, E], targets [B, T] -> log p(targets) [B, T] (and entropy [B, T])."""
-    b, t, e = hidden.shape
-    chunk = min(chunk_size, t)
-    pad = (-t) % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = hidden.shape[1] // chunk
-    h_chunks = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # [N, B, C, E]
-    t_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    model = _model(config, "lm")
-
-    @jax.checkpoint  # Backward recomputes each chunk's logits instead of storing them.
-    def one(h, tgt):
-        logits = model.apply({"params": params}, h, method=Transformer.logits)  # [B, C, V]
-        logits = logits / temperature
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-        logp = picked - logz
-        if not with_entropy:
-            return logp, jnp.zeros_like(logp)
-        probs = jnp.exp(logits - logz[..., None])
-        ent = logz - jnp.sum(probs * logits, axis=-1)
-        return logp, ent
-
-    logp, ent = jax.lax.map(lambda xs: one(*xs), (h_chunks, t_chunks))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
-    return unchunk(logp), unchunk(ent)
-
-
 @functools.partial(jax.jit, static_argnums=(0,), static_argnames=("chunk_size", "with_entropy"))
 def token_logprobs(
     config: ModelConfig,
@@ -131,8 +93,9 @@ def token_logprobs(
         chunk_size = auto_chunk_size(tokens.shape[0], config.vocab_size)
     # Position t - 1 predicts token t.
     temperature = jnp.asarray(temperature, jnp.float32)
-    logp, ent = _chunked_logprobs(
-        config, params, hidden[:, :-1], tokens[:, 1:], temperature, chunk_size, with_entropy
+    kernel = model.apply({"params": params}, method=Transformer.lm_kernel)
+    logp, ent = chunked_logprobs(
+        hidden[:, :-1], tokens[:, 1:], kernel, temperature, chunk_size, with_entropy
     )
     zero = jnp.zeros((tokens.shape[0], 1), jnp.float32)
     logp = jnp.concatenate([zero, logp], axis=1)

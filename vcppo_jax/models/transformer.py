@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from vcppo_jax.models import attention as attention_lib
 from vcppo_jax.models.config import ModelConfig
+from vcppo_jax.models.logprobs import chunked_logprobs
 
 Cache = dict[str, dict[str, jax.Array]]
 
@@ -320,22 +321,22 @@ class Transformer(nn.Module):
     def read_token_logprobs(self, hidden, tokens):
         """log p(tokens[:, t] | tokens[:, :t]) under this model's own LM head, at slot t
         (0 at slot 0) -> [B, T] float32: how surprising the token just read was, the extra
-        input of a value model with ``value_inputs="hidden+likelihood"``. Forms the full
-        ``[B, T, V]`` logits (as one chunk of the actor's log-probs would)."""
-        logits = self.logits(hidden[:, :-1])
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        input of a value model with ``value_inputs="hidden+likelihood"``. Logits are formed a
+        chunk of positions at a time, as for the actor's log-probs."""
+        logp, _ = chunked_logprobs(hidden[:, :-1], tokens[:, 1:], self.lm_kernel())
         zero = jnp.zeros((tokens.shape[0], 1), jnp.float32)
-        return jnp.concatenate([zero, picked - logz], axis=1)
+        return jnp.concatenate([zero, logp], axis=1)
+
+    def lm_kernel(self):
+        """The LM head's [E, V] kernel (the embedding's transpose when tied)."""
+        if self.config.tie_word_embeddings:
+            embedding = self.decoder.variables["params"]["embed"]["embedding"]
+            return nn.meta.unbox(embedding).T
+        return self.lm_head
 
     def logits(self, hidden):
         """[..., E] -> float32 logits [..., V]."""
-        cfg = self.config
-        if cfg.tie_word_embeddings:
-            embedding = self.decoder.variables["params"]["embed"]["embedding"]
-            kernel = nn.meta.unbox(embedding).T
-        else:
-            kernel = self.lm_head
+        kernel = self.lm_kernel()
         return jnp.einsum(
             "...e,ev->...v",
             hidden,

@@ -1,0 +1,59 @@
+"""Log-probabilities of given tokens from hidden states and an LM head kernel, a chunk of
+positions at a time, so that ``[B, T, V]`` logits never exist at once (forward or backward).
+
+Shared by the actor's ``token_logprobs`` and by a value model that reads its own likelihood
+(``value_inputs="hidden+likelihood"``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# One chunk's float32 logits stay under this many bytes by default.
+LOGITS_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk_size(batch: int, vocab: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
+    """Largest power of two (>= 16) of positions whose [batch, chunk, vocab] float32 logits fit
+    in ``budget`` bytes."""
+    fit = max(1, budget // (4 * batch * vocab))
+    return max(16, 1 << (fit.bit_length() - 1))
+
+
+def chunked_logprobs(hidden, targets, kernel, temperature=1.0, chunk_size=None, with_entropy=False):
+    """hidden [B, T, E], targets [B, T], kernel [E, V] -> (log p(targets) [B, T], entropy
+    [B, T]) in float32, with logits ``hidden @ kernel / temperature``; entropy is zeros unless
+    ``with_entropy``. ``chunk_size`` positions at a time (default ``auto_chunk_size``); the
+    backward pass recomputes each chunk's logits instead of storing them."""
+    b, t, e = hidden.shape
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(b, kernel.shape[-1])
+    if t == 0:  # A one-token sequence (as at initialisation) predicts nothing.
+        empty = jnp.zeros((b, 0), jnp.float32)
+        return empty, empty
+    chunk = min(chunk_size, t)
+    pad = (-t) % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = hidden.shape[1] // chunk
+    h_chunks = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # [N, B, C, E]
+    t_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
+    kernel = kernel.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def one(h, tgt):
+        logits = jnp.einsum("bce,ev->bcv", h, kernel, preferred_element_type=jnp.float32)
+        logits = logits / temperature
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+        logp = picked - logz
+        if not with_entropy:
+            return logp, jnp.zeros_like(logp)
+        probs = jnp.exp(logits - logz[..., None])
+        return logp, logz - jnp.sum(probs * logits, axis=-1)
+
+    logp, ent = jax.lax.map(lambda xs: one(*xs), (h_chunks, t_chunks))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t]
+    return unchunk(logp), unchunk(ent)
