@@ -125,6 +125,12 @@ def base_config() -> ml_collections.ConfigDict:
     # "policy": the SFT policy's backbone with a fresh value head (how reward models are usually
     # initialised); "random".
     c.reward_model.init = "policy"
+    # A trained reward model to start from instead of training one (rm_export.py): the
+    # workdir of a run whose reward_model stage finished, or its reward_model_export/; refused
+    # unless it was trained under this run's seed, SFT, model and reward_model.* settings. The
+    # study trains one per seed and every method that needs one reads it; the run then logs
+    # the export's rows and goes on exactly as if it had trained the model itself.
+    c.reward_model.init_from = ""
 
     # Rollouts.
     c.rollout = ml_collections.ConfigDict()

@@ -3,13 +3,15 @@
 A workdir holds checkpoints and event files (megabytes); what the study's tables and figures are
 drawn from is small: ``metrics.jsonl``, ``config.json``, ``position_profile.json``, the ``DONE``
 marker and, for an SFT run, its ``sft_policy`` export (the tiny model's weights and tokenizer,
-about a megabyte), which every method of that seed starts from. ``save`` copies those files of a
-finished run into an archive folder (e.g. ``docs/results/study_long``, committed); ``restore``
-puts them back into an empty workdir, which the drivers then treat as finished. Both drivers
-take ``--archive DIR``: finished runs found there are not run again, and each run is archived as
-soon as it finishes. Given the config the run would have now (``wanted``), ``restore`` refuses
-an archived run whose ``config.json`` differs from it (``ArchiveMismatch``, naming the fields),
-so a changed default or flag never silently reuses a run made under other settings.
+about a megabyte), which every method of that seed starts from, and for a reward-model run
+its ``reward_model_export`` (as small), which every method of that seed needing one reads.
+``save`` copies those files of a finished run into an archive folder (e.g.
+``docs/results/study_long``, committed); ``restore`` puts them back into an empty workdir, which
+the drivers then treat as finished. Both drivers take ``--archive DIR``: finished runs found
+there are not run again, and each run is archived as soon as it finishes. Given the config the
+run would have now (``wanted``), ``restore`` refuses an archived run whose ``config.json``
+differs from it (``ArchiveMismatch``, naming the fields), so a changed default or flag never
+silently reuses a run made under other settings.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ import os
 import shutil
 
 RUN_FILES = ("DONE", "metrics.jsonl", "config.json", "position_profile.json")
-RUN_DIRS = ("sft_policy",)
+RUN_DIRS = ("sft_policy", "reward_model_export")
 
 # Fields that say where a run's inputs were or what "auto" stood for, not what the run was:
-# not compared (the SFT policy a run starts from is an archived run of its own, checked itself).
-NOT_COMPARED = ("sft.init_from", "resolved")
+# not compared (the SFT policy and the reward model a run starts from are archived runs of
+# their own, checked themselves; a shared reward model is the one the run would have trained).
+NOT_COMPARED = ("sft.init_from", "reward_model.init_from", "resolved")
 
 
 class ArchiveMismatch(RuntimeError):

@@ -101,6 +101,12 @@ SFT_ONLY = (
 )
 
 
+# The reward-model-only run of each seed (from its SFT policy; no PPO steps): it exports
+# WORKDIR/reward_model_export, which every method of that seed that needs a reward model reads
+# (reward_model.init_from) instead of training the same model again.
+RM_ONLY = ("--config.ppo.steps=0",)
+
+
 def _run(name: str, wd: str, cmd: list[str], dry_run: bool, archived: str | None = None) -> str:
     """Runs ``cmd`` unless ``wd`` (or ``archived``, a committed copy: experiments/archive.py)
     holds the finished run; archives it when it finishes. DONE records the run's seconds."""
@@ -169,6 +175,17 @@ def train_sft(
     return _run(f"SFT seed {seed}", wd, cmd, dry_run, _archived(archive_dir, out, wd))
 
 
+def train_reward_model(
+    out: str, seed: int, variant: str, dry_run: bool, sft_dir: str, archive_dir: str | None = None
+) -> str:
+    """The one reward model of a seed (the PPO baseline's, from the seed's SFT policy) that
+    every method needing one reads; a method whose flags changed a reward_model.* setting
+    would be refused by name (rm_export.py)."""
+    wd = os.path.join(out, "reward_model", f"seed_{seed}")
+    cmd = _cmd(PPO, variant, wd, seed, *RM_ONLY, f"--config.sft.init_from={sft_dir}")
+    return _run(f"reward model seed {seed}", wd, cmd, dry_run, _archived(archive_dir, out, wd))
+
+
 def run_method(
     out: str,
     method: str,
@@ -178,10 +195,14 @@ def run_method(
     dry_run: bool,
     sft_dir: str | None = None,
     archive_dir: str | None = None,
+    rm_dir: str | None = None,
 ) -> str:
+    """One method-seed run, from the seed's SFT policy and reward model where given (a method
+    that trains no reward model ignores ``rm_dir``)."""
     config, flags, _ = METHODS[method]
     wd = os.path.join(out, method, f"seed_{seed}")
     init = (f"--config.sft.init_from={sft_dir}",) if sft_dir else ()
+    init += (f"--config.reward_model.init_from={rm_dir}",) if rm_dir else ()
     cmd = _cmd(config, variant, wd, seed, *flags, *init, *extra)
     return _run(f"{method} seed {seed}", wd, cmd, dry_run, _archived(archive_dir, out, wd))
 
@@ -441,9 +462,15 @@ def main() -> None:
     extra = QUICK_FLAGS.get(args.variant, ()) if args.quick else ()
     os.makedirs(args.out, exist_ok=True)
     sft = {s: train_sft(args.out, s, args.variant, args.dry_run, args.archive) for s in seeds}
+    rm = {
+        s: train_reward_model(args.out, s, args.variant, args.dry_run, sft[s], args.archive)
+        for s in seeds
+    }
     runs = {
         m: [
-            run_method(args.out, m, s, args.variant, extra, args.dry_run, sft[s], args.archive)
+            run_method(
+                args.out, m, s, args.variant, extra, args.dry_run, sft[s], args.archive, rm[s]
+            )
             for s in seeds
         ]
         for m in methods

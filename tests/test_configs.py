@@ -56,6 +56,7 @@ BAD_FIELDS = [
     ("ppo.epochs", 0, "ppo.epochs=0: expected an integer >= 1"),
     ("reward_model.loss_on", "eos", "reward_model.loss_on='eos': expected one of"),
     ("reward_model.score", "mean", "reward_model.score='mean': expected one of"),
+    ("reward_model.init_from", 3, "reward_model.init_from=3: expected a path or ''"),
     ("critic.init", "random", "critic.init='random'"),
     ("actor.learning_rate", 0.0, "actor.learning_rate=0.0"),
     ("rollout.top_p", 0.0, "rollout.top_p=0.0"),

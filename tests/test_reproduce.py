@@ -154,14 +154,21 @@ def test_dry_run_prints_one_ordinary_command_per_run(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     cmds = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line]
-    assert len(cmds) == 6  # One SFT run per seed, then PPO and VC-PPO for 2 seeds.
-    sft, runs = cmds[:2], cmds[2:]
+    # One SFT run and one reward-model run per seed, then PPO and VC-PPO for 2 seeds.
+    assert len(cmds) == 8
+    sft, rm, runs = cmds[:2], cmds[2:4], cmds[4:]
     assert all("--config.ppo.steps=0" in c and "/sft/seed_" in c for c in sft)
+    for c in rm:  # The PPO baseline's reward model, from the seed's SFT policy.
+        seed = c.split("--config.seed=")[1].split()[0]
+        assert "configs/ppo.py:tiny" in c and "--config.ppo.steps=0" in c
+        assert f"--workdir={tmp_path}/reward_model/seed_{seed}" in c
+        assert f"--config.sft.init_from={tmp_path}/sft/seed_{seed}" in c
     assert all("--config.ppo.steps=40" in c for c in runs)
     assert any("configs/ppo.py:tiny" in c and "seed_1" in c for c in runs)
     for c in runs:  # Every method starts from its seed's SFT policy.
         seed = c.split("--config.seed=")[1].split()[0]
         assert f"--config.sft.init_from={tmp_path}/sft/seed_{seed}" in c
+        assert f"--config.reward_model.init_from={tmp_path}/reward_model/seed_{seed}" in c
 
 
 def test_long_quick_uses_the_variant_as_sized(tmp_path):
@@ -171,6 +178,6 @@ def test_long_quick_uses_the_variant_as_sized(tmp_path):
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    runs = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line][2:]
+    runs = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line][4:]
     assert len(runs) == 4 and all(":long" in c for c in runs)
     assert not any("--config.ppo.steps=" in c for c in runs)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,6 +290,42 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     not_sft = lambda rs: [r for r in comparable(rs) if r["stage"] != "sft"]
     assert [r["stage"] for r in rows(wd_shared)].count("sft") == 0
     assert not_sft(rows(wd_shared)) == not_sft(rows(wd))
+
+    # A shared reward model (reward_model.init_from): the VC-PPO run exported the one it
+    # trained (same seed, SFT and reward_model.* settings as this baseline's), and a run reading
+    # it logs the same reward-model rows, then the same PPO rows, as one training its own. One
+    # trained under other settings, a directory without one, or a corrupt export is refused.
+    shared = (f"--config.sft.init_from={full_run[0]}",)
+    own, adopted = wd_shared, str(tmp_path / "adopted")
+    export = os.path.join(full_run[0], "reward_model_export")
+    assert {"params.npz", "fingerprint.json", "metrics.jsonl"} <= set(os.listdir(export))
+    out = run_main(
+        adopted,
+        *shared,
+        f"--config.reward_model.init_from={full_run[0]}",
+        config="configs/ppo.py:smoke",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 logged rows adopted" in out.stderr
+    assert comparable(rows(adopted)) == comparable(rows(own))
+    assert not os.path.exists(os.path.join(adopted, "reward_model_export"))  # Not re-exported.
+
+    refused = lambda *flags: run_main(
+        str(tmp_path / "refused"), *shared, *flags, config="configs/ppo.py:smoke"
+    )
+    out = refused(
+        f"--config.reward_model.init_from={export}", "--config.reward_model.learning_rate=0.5"
+    )
+    assert out.returncode != 0
+    assert "reward_model.learning_rate: checkpoint has 0.001, config has 0.5" in out.stderr
+    out = refused(f"--config.reward_model.init_from={tmp_path}")
+    assert out.returncode != 0 and "no finished reward_model stage's model" in out.stderr
+    broken = str(tmp_path / "broken")
+    shutil.copytree(export, broken)
+    with open(os.path.join(broken, "params.npz"), "wb") as f:
+        f.write(b"not a zip")
+    out = refused(f"--config.reward_model.init_from={broken}")
+    assert out.returncode != 0 and f"cannot read {broken}" in out.stderr
 
     # An SFT policy from another seed, or a directory without one, is refused by name.
     out = run_main(

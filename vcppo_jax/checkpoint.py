@@ -58,6 +58,24 @@ SFT_KEYS = (
 # which an exported SFT policy does not.
 RUN_KEYS = ("model.value_inputs",)
 
+# What a trained reward model depends on (rm_export.py): the SFT policy it starts from, the
+# value models' inputs, and every reward_model.* field that shapes its training or its logged
+# held-out report.
+RM_KEYS = (
+    *SFT_KEYS,
+    *RUN_KEYS,
+    "reward_model.steps",
+    "reward_model.batch_size",
+    "reward_model.learning_rate",
+    "reward_model.eval_every",
+    "reward_model.eval_problems",
+    "reward_model.min_terms",
+    "reward_model.pairs",
+    "reward_model.loss_on",
+    "reward_model.score",
+    "reward_model.init",
+)
+
 
 def fingerprint(config, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Config fields a checkpoint's contents depend on (shapes and the data stream)."""

@@ -286,6 +286,7 @@ def validate_supervised(check: Checker) -> None:
             f"reward_model.batch_size={rm_batch}: reward_model.pairs='same_problem' needs an "
             "even batch (a right and a wrong answer per problem)"
         )
+    check("reward_model.init_from", lambda x: isinstance(x, str), "a path or ''")
     init_from = check("sft.init_from", lambda x: isinstance(x, str), "a path or ''")
     if init_from and check.get("data.task") != "addition":
         check.problem(

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from vcppo_jax import metrics as metrics_lib
 from vcppo_jax import (
     rewards,
+    rm_export,
     rollout,
     sampling,
     sft_export,
@@ -41,6 +42,7 @@ from vcppo_jax import (
 )
 from vcppo_jax import workdir as workdir_lib
 from vcppo_jax.checkpoint import (
+    RM_KEYS,
     RUN_KEYS,
     SFT_KEYS,
     Checkpointer,
@@ -100,6 +102,7 @@ class Experiment:
             config.data.carry_every,
         )
         self._sft_init = self._check_sft_init()
+        self._rm_init = self._check_rm_init()
         self.source = self._make_source()
         self.tokenizer = self.source.tokenizer
         self.model_config = self._model_config()
@@ -222,6 +225,41 @@ class Experiment:
             mine = os.path.join(self.workdir, "tokenizer", "spm.model")
             sft_export.adopt_tokenizer(path, mine, src)
         return path
+
+    def _check_rm_init(self) -> str | None:
+        """reward_model.init_from -> the export directory, after checking it was trained under
+        this config's settings (``RM_KEYS``); None when unset or when no stage needs it."""
+        src = self.config.reward_model.get("init_from", "")
+        if not src or "reward_model" not in planned_stages(self.config):
+            return None
+        return rm_export.resolve(src, fingerprint(self.config, RM_KEYS))
+
+    def _adopt_reward_model(self) -> None:
+        """The reward model from reward_model.init_from, and its stage's rows in this run's
+        metrics (as they were logged when it was trained)."""
+        like = jax.tree.map(self._to_host, self.states.reward_model.params)
+        params, rows = rm_export.load(self._rm_init, like)
+        params = sharding.shard_params(params, self.model_config, self.mesh, self.rules, "value")[0]
+        self.states.reward_model = self._new_state(params, self.rm_tx)
+        for row in rows:
+            kept = {k: v for k, v in row.items() if k not in ("step", "stage", "time")}
+            self.metrics.write(row["step"], "reward_model", kept)
+        print(
+            f"reward model from {self._rm_init} ({len(rows)} logged rows adopted)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _export_reward_model(self) -> None:
+        """WORKDIR/reward_model_export: the trained reward model, its stage's metric rows and
+        the settings it was trained under (what reward_model.init_from checks)."""
+        params = jax.tree.map(self._to_host, self.states.reward_model.params)
+        if jax.process_index() != 0:
+            return
+        rows = [
+            r for r in metrics_lib.read_metrics(self.metrics.path) if r["stage"] == "reward_model"
+        ]
+        rm_export.export(self.workdir, params, fingerprint(self.config, RM_KEYS), rows)
 
     def _export_sft_policy(self) -> None:
         """WORKDIR/sft_policy: the fine-tuned policy in HF format, its tokenizer and the
@@ -538,7 +576,9 @@ class Experiment:
             self.states.critic = self._new_state(
                 self._critic_params(params, c.critic.init_offset), self.critic_tx
             )
-        if stage == "reward_model" and c.reward_model.init == "policy":
+        if stage == "reward_model" and self._rm_init:
+            self._adopt_reward_model()
+        elif stage == "reward_model" and c.reward_model.init == "policy":
             self.states.reward_model = self._new_state(
                 self._on_policy_backbone(self.states.reward_model.params), self.rm_tx
             )
@@ -559,13 +599,15 @@ class Experiment:
             )
             self.states.reference = train_state.copy_tree(self.states.sft.params)
             self._export_sft_policy()
+        if stage == "reward_model" and not self._rm_init:
+            self._export_reward_model()
 
     def total_steps(self, stage: str) -> int:
         """How many steps ``stage`` runs, from the config."""
         c = self.config
         return {
             "sft": c.sft.steps,
-            "reward_model": c.reward_model.steps,
+            "reward_model": 0 if self._rm_init else c.reward_model.steps,
             "value_pretrain": c.value_pretrain.steps,
             "ppo": c.ppo.steps,
         }[stage]

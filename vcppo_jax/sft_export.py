@@ -41,23 +41,35 @@ def export(
     return path
 
 
-def resolve(src: str, fingerprint: dict[str, Any]) -> str:
+def resolve(
+    src: str,
+    fingerprint: dict[str, Any],
+    *,
+    field: str = "sft.init_from",
+    export_dir: str = EXPORT_DIR,
+    what: str = "SFT policy",
+) -> str:
     """``sft.init_from`` (an export, or the workdir of the run that wrote one) -> the export's
-    path, after checking it was trained under ``fingerprint``'s settings."""
+    path, after checking it was trained under ``fingerprint``'s settings. ``field``,
+    ``export_dir`` and ``what`` name another kind of export (rm_export.py)."""
     exported = os.path.isfile(os.path.join(src, FINGERPRINT))
-    path = src if exported else os.path.join(src, EXPORT_DIR)
+    path = src if exported else os.path.join(src, export_dir)
     fp_file = os.path.join(path, FINGERPRINT)
     if not os.path.isfile(fp_file):
+        stage = what.split()[0]
         raise FileNotFoundError(
-            f"sft.init_from={src!r}: no finished SFT policy there (expected {fp_file}, "
-            f"written when a run's SFT stage ends)"
+            f"{field}={src!r}: no finished {what} there (expected {fp_file}, "
+            f"written when a run's {stage} stage ends)"
         )
-    with open(fp_file) as f:
-        saved = json.load(f)
+    try:
+        with open(fp_file) as f:
+            saved = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointMismatchError(f"{field}={src!r}: {fp_file} is not valid JSON ({e})") from e
     diff = fingerprint_diff(saved, fingerprint)
     if diff:
         raise CheckpointMismatchError(
-            f"sft.init_from={src!r} was trained under different settings:\n  " + "\n  ".join(diff)
+            f"{field}={src!r} was trained under different settings:\n  " + "\n  ".join(diff)
         )
     return path
 
