@@ -186,6 +186,23 @@ def train_reward_model(
     return _run(f"reward model seed {seed}", wd, cmd, dry_run, _archived(archive_dir, out, wd))
 
 
+def method_cmd(
+    out: str,
+    method: str,
+    seed: int,
+    variant: str,
+    extra: tuple[str, ...],
+    sft_dir: str | None = None,
+    rm_dir: str | None = None,
+) -> tuple[str, list[str]]:
+    """(workdir, command) of one method-seed run."""
+    config, flags, _ = METHODS[method]
+    wd = os.path.join(out, method, f"seed_{seed}")
+    init = (f"--config.sft.init_from={sft_dir}",) if sft_dir else ()
+    init += (f"--config.reward_model.init_from={rm_dir}",) if rm_dir else ()
+    return wd, _cmd(config, variant, wd, seed, *flags, *init, *extra)
+
+
 def run_method(
     out: str,
     method: str,
@@ -199,11 +216,7 @@ def run_method(
 ) -> str:
     """One method-seed run, from the seed's SFT policy and reward model where given (a method
     that trains no reward model ignores ``rm_dir``)."""
-    config, flags, _ = METHODS[method]
-    wd = os.path.join(out, method, f"seed_{seed}")
-    init = (f"--config.sft.init_from={sft_dir}",) if sft_dir else ()
-    init += (f"--config.reward_model.init_from={rm_dir}",) if rm_dir else ()
-    cmd = _cmd(config, variant, wd, seed, *flags, *init, *extra)
+    wd, cmd = method_cmd(out, method, seed, variant, extra, sft_dir, rm_dir)
     return _run(f"{method} seed {seed}", wd, cmd, dry_run, _archived(archive_dir, out, wd))
 
 
@@ -270,20 +283,21 @@ def _mean_std(values, scale: float = 100.0, fmt: str = "{:.1f}", std: bool = Tru
 
 def write_tables(summary: dict, out: str, seeds) -> str:
     lines = [
-        f"Held-out greedy accuracy (%) on the miniature task, mean ± std over seeds "
-        f"{list(seeds)}; the paper's AIME 2024 pass@1 (8K context) beside it.",
+        f"Held-out greedy accuracy (%) on the miniature task, mean ± std over the seeds each "
+        f"row names (of {list(seeds)}); the paper's AIME 2024 pass@1 (8K context) beside it.",
         "",
-        "| method | initial | final | best | final length | paper |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | initial | final | best | final length | paper | seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, per_seed in summary.items():
         runs = list(per_seed.values())
         length = np.mean([r["final_response_length"] for r in runs])
+        names = ",".join(k.removeprefix("seed_") for k in per_seed)
         lines.append(
             f"| {METHODS[method][2]} | {_mean_std([r['initial_accuracy'] for r in runs])} | "
             f"{_mean_std([r['final_accuracy'] for r in runs])} | "
             f"{_mean_std([r['best_accuracy'] for r in runs])} | {length:.1f} | "
-            f"{PAPER.get(method, '')} |"
+            f"{PAPER.get(method, '')} | {names} |"
         )
     if any(m in summary for _, m in LAMBDA_ROWS[:1] + LAMBDA_ROWS[2:]):
         lines += [
@@ -436,6 +450,24 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
     return written
 
 
+def finished_runs(
+    out: str, methods, seeds, variant: str, extra: tuple[str, ...], archive_dir: str | None
+) -> dict[str, dict[int, str]]:
+    """``--report_only``: method -> seed -> workdir of each run that has finished (in ``out``
+    or, made under the config its command asks for, in the archive); nothing is run."""
+    found: dict[str, dict[int, str]] = {}
+    for m in methods:
+        for s in seeds:
+            sft_dir = os.path.join(out, "sft", f"seed_{s}")
+            rm_dir = os.path.join(out, "reward_model", f"seed_{s}")
+            wd, cmd = method_cmd(out, m, s, variant, extra, sft_dir, rm_dir)
+            if finished(wd, _archived(archive_dir, out, wd), cmd):
+                found.setdefault(m, {})[s] = wd
+            else:
+                print(f"[reproduce] {m} seed {s}: not finished, left out", flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -444,6 +476,12 @@ def main() -> None:
     parser.add_argument("--methods", default=None, help=f"comma-separated from {list(METHODS)}")
     parser.add_argument("--variant", default="tiny")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="tables and figures from the runs that have finished (here or in --archive); "
+        "runs nothing, and says which runs are left out",
+    )
     parser.add_argument(
         "--archive",
         default=None,
@@ -461,26 +499,32 @@ def main() -> None:
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     extra = QUICK_FLAGS.get(args.variant, ()) if args.quick else ()
     os.makedirs(args.out, exist_ok=True)
-    sft = {s: train_sft(args.out, s, args.variant, args.dry_run, args.archive) for s in seeds}
-    rm = {
-        s: train_reward_model(args.out, s, args.variant, args.dry_run, sft[s], args.archive)
-        for s in seeds
-    }
-    runs = {
-        m: [
-            run_method(
-                args.out, m, s, args.variant, extra, args.dry_run, sft[s], args.archive, rm[s]
-            )
+    if args.report_only:
+        runs = finished_runs(args.out, methods, seeds, args.variant, extra, args.archive)
+    else:
+        sft = {s: train_sft(args.out, s, args.variant, args.dry_run, args.archive) for s in seeds}
+        rm = {
+            s: train_reward_model(args.out, s, args.variant, args.dry_run, sft[s], args.archive)
             for s in seeds
-        ]
-        for m in methods
-    }
+        }
+        runs = {
+            m: {
+                s: run_method(
+                    args.out, m, s, args.variant, extra, args.dry_run, sft[s], args.archive, rm[s]
+                )
+                for s in seeds
+            }
+            for m in methods
+        }
     if args.dry_run:
         return
+    if not runs:
+        raise SystemExit("[reproduce] no finished runs to report")
     summary = {
-        m: {f"seed_{s}": summarise_run(wd) for s, wd in zip(seeds, wds, strict=True)}
-        for m, wds in runs.items()
+        m: {f"seed_{s}": summarise_run(wd) for s, wd in per_seed.items()}
+        for m, per_seed in runs.items()
     }
+    runs = {m: list(per_seed.values()) for m, per_seed in runs.items()}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(write_tables(summary, args.out, seeds))

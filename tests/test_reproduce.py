@@ -121,7 +121,7 @@ def test_summary_tables_and_figures(tmp_path):
         for m, wds in runs.items()
     }
     text = reproduce.write_tables(summary, out, [0, 1])
-    assert "| 65.0 ± 5.0 |" in text and "| 5.6 |" in text  # Final accuracy; the paper's PPO.
+    assert "| 65.0 ± 5.0 |" in text and "| 5.6 | 0,1 |" in text  # Final; the paper's PPO; seeds.
     assert "| 0.9 | 65.0 ± 5.0 | 34.3 |" in text
     assert "| 75.0 ± 0.0 | 90 ± 0 / 60 ± 0 |  |  |  |" in text  # PPO: the reward model.
     assert "|  |  | 3 ± 0 | 0.33 ± 0.00 | 0.20 ± 0.00 |" in text  # VC-PPO: pretraining.
@@ -181,3 +181,23 @@ def test_long_quick_uses_the_variant_as_sized(tmp_path):
     runs = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line][4:]
     assert len(runs) == 4 and all(":long" in c for c in runs)
     assert not any("--config.ppo.steps=" in c for c in runs)
+
+
+def test_report_only_tables_what_has_finished_and_runs_nothing(tmp_path):
+    for method, seed in (("ppo", 0), ("ppo", 1), ("vcppo", 1)):
+        wd = os.path.join(tmp_path, method, f"seed_{seed}")
+        fake_run(wd, 0.4, 0.6 + 0.1 * seed, 30.0, 20.0, method == "vcppo")
+        open(os.path.join(wd, "DONE"), "w").close()
+    os.makedirs(os.path.join(tmp_path, "vcppo", "seed_0"))  # Started, not finished.
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--quick",
+         "--report_only"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "vcppo seed 0: not finished, left out" in out.stdout
+    assert "vcppo_jax.main" not in out.stdout and not os.path.exists(tmp_path / "sft")
+    table = open(tmp_path / "ablation.md").read()
+    assert "| 5.6 | 0,1 |" in table and "| 41.9 | 1 |" in table  # The seeds each row holds.
+    with open(tmp_path / "summary.json") as f:
+        assert list(json.load(f)["vcppo"]) == ["seed_1"]
