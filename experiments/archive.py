@@ -106,6 +106,19 @@ def _finished(path: str) -> bool:
     )
 
 
+def _kept_dirs(workdir: str) -> tuple[str, ...]:
+    """The ``RUN_DIRS`` an archived run keeps: a reward model's export only from a run that
+    stops before PPO (as the study's per-seed reward-model runs do); a method run that trained
+    its own keeps its rows in metrics.jsonl, not the weights (a collapse-map grid would
+    otherwise commit a model per cell)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            ppo_steps = json.load(f).get("ppo", {}).get("steps")
+    except (OSError, json.JSONDecodeError):
+        ppo_steps = None
+    return tuple(d for d in RUN_DIRS if d != "reward_model_export" or ppo_steps == 0)
+
+
 def save(workdir: str, archived: str) -> None:
     """Copy a finished run's small files into ``archived`` (replacing an older copy)."""
     if not _finished(workdir):
@@ -116,7 +129,7 @@ def save(workdir: str, archived: str) -> None:
     for name in RUN_FILES:
         if os.path.isfile(src := os.path.join(workdir, name)):
             shutil.copy2(src, os.path.join(tmp, name))
-    for name in RUN_DIRS:
+    for name in _kept_dirs(workdir):
         if os.path.isdir(src := os.path.join(workdir, name)):
             shutil.copytree(src, os.path.join(tmp, name))
     shutil.rmtree(archived, ignore_errors=True)

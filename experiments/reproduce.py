@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+import ml_collections
 import numpy as np
 
 from experiments import archive
@@ -201,6 +202,22 @@ def method_cmd(
     init = (f"--config.sft.init_from={sft_dir}",) if sft_dir else ()
     init += (f"--config.reward_model.init_from={rm_dir}",) if rm_dir else ()
     return wd, _cmd(config, variant, wd, seed, *flags, *init, *extra)
+
+
+def needs_reward_model(methods, variant: str) -> bool:
+    """Whether any of ``methods`` trains a reward model (its critic or value pretraining
+    starts from one), from the config each would run."""
+    from vcppo_jax.runner import planned_stages
+
+    for m in methods:
+        config, flags, _ = METHODS[m]
+        wanted = wanted_config(_cmd(config, variant, "unused", 0, *flags))
+        stages = planned_stages(
+            ml_collections.ConfigDict({k: v for k, v in wanted.items() if k != "resolved"})
+        )
+        if "reward_model" in stages:
+            return True
+    return False
 
 
 def run_method(
@@ -503,8 +520,13 @@ def main() -> None:
         runs = finished_runs(args.out, methods, seeds, args.variant, extra, args.archive)
     else:
         sft = {s: train_sft(args.out, s, args.variant, args.dry_run, args.archive) for s in seeds}
+        with_rm = needs_reward_model(methods, args.variant)
         rm = {
-            s: train_reward_model(args.out, s, args.variant, args.dry_run, sft[s], args.archive)
+            s: (
+                train_reward_model(args.out, s, args.variant, args.dry_run, sft[s], args.archive)
+                if with_rm
+                else None
+            )
             for s in seeds
         }
         runs = {

@@ -123,3 +123,16 @@ def test_fields_no_stage_of_the_run_reads_are_not_compared():
         "value_pretrain.steps"
     ]
     assert archive.config_differences(sft_only, vcppo)[0].startswith("stages: archived ['sft'")
+
+
+@pytest.mark.parametrize("ppo_steps,kept", [(0, True), (30, False)])
+def test_a_reward_model_export_is_kept_only_from_a_run_that_stops_before_ppo(
+    tmp_path, ppo_steps, kept
+):
+    wd = tmp_path / "run"
+    _finished_run(wd)
+    (wd / "config.json").write_text(json.dumps({"ppo": {"steps": ppo_steps}}))
+    os.makedirs(wd / "reward_model_export")
+    (wd / "reward_model_export" / "params.npz").write_text("w")
+    archive.save(str(wd), str(tmp_path / "archive"))
+    assert os.path.isdir(tmp_path / "archive" / "reward_model_export") == kept

@@ -171,6 +171,17 @@ def test_dry_run_prints_one_ordinary_command_per_run(tmp_path):
         assert f"--config.reward_model.init_from={tmp_path}/reward_model/seed_{seed}" in c
 
 
+def test_no_reward_model_is_trained_where_no_method_needs_one(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--methods=grpo",
+         "--seeds=0", "--dry_run"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    cmds = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line]
+    assert len(cmds) == 2 and "/reward_model/seed_" not in out.stdout  # SFT, then GRPO.
+
+
 def test_long_quick_uses_the_variant_as_sized(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--quick",

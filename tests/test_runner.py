@@ -309,6 +309,19 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     assert "3 logged rows adopted" in out.stderr
     assert comparable(rows(adopted)) == comparable(rows(own))
     assert not os.path.exists(os.path.join(adopted, "reward_model_export"))  # Not re-exported.
+    # A run stopped part-way through training its own reward model, then resumed with
+    # reward_model.init_from, drops what it had trained and reads the export.
+    partial = str(tmp_path / "partial")
+    out = run_main(partial, *shared, "--config.stop_after_steps=1", config="configs/ppo.py:smoke")
+    assert out.returncode == 0 and "stopped (stop_after_steps)" in out.stderr, out.stderr[-3000:]
+    out = run_main(
+        partial,
+        *shared,
+        f"--config.reward_model.init_from={full_run[0]}",
+        config="configs/ppo.py:smoke",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert comparable(rows(partial)) == comparable(rows(own))
 
     refused = lambda *flags: run_main(
         str(tmp_path / "refused"), *shared, *flags, config="configs/ppo.py:smoke"

@@ -74,6 +74,8 @@ RM_KEYS = (
     "reward_model.loss_on",
     "reward_model.score",
     "reward_model.init",
+    "reward.correct",  # The outcome targets, and the held-out midpoint between them.
+    "reward.incorrect",
 )
 
 
@@ -138,6 +140,8 @@ ADDED_FIELDS: dict[str, Any] = {
     "sft.min_terms": 0,
     "model.rope_theta": 10000.0,
     "model.value_inputs": "hidden",
+    "reward.correct": 1.0,
+    "reward.incorrect": -1.0,
 }
 
 

@@ -655,6 +655,11 @@ class Experiment:
                 stage = self.stages[i]
                 total = self.total_steps(stage)
                 start = stage_step if i == stage_index else 0
+                if start and stage == "reward_model" and self._rm_init:
+                    # Resumed part-way through training a reward model here, now told to read
+                    # one: its rows go and the export's model and rows come in instead.
+                    self.metrics.trim_to(self.stages, i, 0)
+                    start = 0
                 if start == 0:
                     self._enter_stage(stage)
                 if total == 0:
