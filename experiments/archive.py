@@ -43,7 +43,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _stages(config: dict) -> list[str] | None:
+def stages_of(config: dict) -> list[str] | None:
     """The stages a run of this (JSON) config goes through, or None where it is too old or
     too partial to tell."""
     import ml_collections
@@ -65,7 +65,7 @@ def unread_fields(config: dict) -> tuple[str, ...]:
     pretraining, the critic's. Where the two configs plan the same stages these are not
     compared, so a later change to, say, ``value_pretrain.init`` still reuses an archived SFT
     policy."""
-    stages = _stages(config)
+    stages = stages_of(config)
     if stages is None:
         return ()
     unread = [s for s in ("reward_model", "value_pretrain") if s not in stages]
@@ -84,7 +84,7 @@ def config_differences(archived: dict, wanted: dict) -> list[str]:
     old, new = _flat(archived), _flat(wanted)
     lines = []
     skip = NOT_COMPARED
-    a_stages, w_stages = _stages(archived), _stages(wanted)
+    a_stages, w_stages = stages_of(archived), stages_of(wanted)
     if a_stages != w_stages:
         lines.append(f"stages: archived {a_stages!r}, asked for {w_stages!r}")
     elif old.get("ppo.steps") == new.get("ppo.steps"):

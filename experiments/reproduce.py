@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import numpy as np
 
 from experiments import archive
@@ -207,15 +206,10 @@ def method_cmd(
 def needs_reward_model(methods, variant: str) -> bool:
     """Whether any of ``methods`` trains a reward model (its critic or value pretraining
     starts from one), from the config each would run."""
-    from vcppo_jax.runner import planned_stages
-
     for m in methods:
         config, flags, _ = METHODS[m]
         wanted = wanted_config(_cmd(config, variant, "unused", 0, *flags))
-        stages = planned_stages(
-            ml_collections.ConfigDict({k: v for k, v in wanted.items() if k != "resolved"})
-        )
-        if "reward_model" in stages:
+        if "reward_model" in (archive.stages_of(wanted) or ()):
             return True
     return False
 

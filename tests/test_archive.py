@@ -116,7 +116,7 @@ def test_fields_no_stage_of_the_run_reads_are_not_compared():
     # The same change on a run whose critic is pretrained is compared, and a run that plans
     # other stages is named as such.
     vcppo = reproduce.wanted_config(reproduce._cmd(reproduce.VCPPO, "smoke", "unused", 0))
-    assert "value_pretrain" in archive._stages(vcppo)
+    assert "value_pretrain" in archive.stages_of(vcppo)
     changed = json.loads(json.dumps(vcppo))
     changed["value_pretrain"]["steps"] += 1
     assert [d.split(":")[0] for d in archive.config_differences(vcppo, changed)] == [

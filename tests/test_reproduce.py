@@ -12,6 +12,18 @@ from experiments import reproduce
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_driver(tmp_path, *flags):
+    """``python -m experiments.reproduce --out=tmp_path FLAGS``, checked to exit 0; its stdout."""
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def fake_run(wd, acc0, acc1, len0, len1, with_vp):
     os.makedirs(wd, exist_ok=True)
     rows = []
@@ -139,21 +151,8 @@ def test_summary_tables_and_figures(tmp_path):
 
 
 def test_dry_run_prints_one_ordinary_command_per_run(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "experiments.reproduce",
-            f"--out={tmp_path}",
-            "--quick",
-            "--dry_run",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode == 0, out.stderr
-    cmds = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line]
+    stdout = run_driver(tmp_path, "--quick", "--dry_run")
+    cmds = [line for line in stdout.splitlines() if "vcppo_jax.main" in line]
     # One SFT run and one reward-model run per seed, then PPO and VC-PPO for 2 seeds.
     assert len(cmds) == 8
     sft, rm, runs = cmds[:2], cmds[2:4], cmds[4:]
@@ -172,24 +171,14 @@ def test_dry_run_prints_one_ordinary_command_per_run(tmp_path):
 
 
 def test_no_reward_model_is_trained_where_no_method_needs_one(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--methods=grpo",
-         "--seeds=0", "--dry_run"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    cmds = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line]
-    assert len(cmds) == 2 and "/reward_model/seed_" not in out.stdout  # SFT, then GRPO.
+    stdout = run_driver(tmp_path, "--methods=grpo", "--seeds=0", "--dry_run")
+    cmds = [line for line in stdout.splitlines() if "vcppo_jax.main" in line]
+    assert len(cmds) == 2 and "/reward_model/seed_" not in stdout  # SFT, then GRPO.
 
 
 def test_long_quick_uses_the_variant_as_sized(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--quick",
-         "--variant=long", "--dry_run"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    runs = [line for line in out.stdout.splitlines() if "vcppo_jax.main" in line][4:]
+    stdout = run_driver(tmp_path, "--quick", "--variant=long", "--dry_run")
+    runs = [line for line in stdout.splitlines() if "vcppo_jax.main" in line][4:]
     assert len(runs) == 4 and all(":long" in c for c in runs)
     assert not any("--config.ppo.steps=" in c for c in runs)
 
@@ -200,14 +189,9 @@ def test_report_only_tables_what_has_finished_and_runs_nothing(tmp_path):
         fake_run(wd, 0.4, 0.6 + 0.1 * seed, 30.0, 20.0, method == "vcppo")
         open(os.path.join(wd, "DONE"), "w").close()
     os.makedirs(os.path.join(tmp_path, "vcppo", "seed_0"))  # Started, not finished.
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--quick",
-         "--report_only"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr
-    assert "vcppo seed 0: not finished, left out" in out.stdout
-    assert "vcppo_jax.main" not in out.stdout and not os.path.exists(tmp_path / "sft")
+    stdout = run_driver(tmp_path, "--quick", "--report_only")
+    assert "vcppo seed 0: not finished, left out" in stdout
+    assert "vcppo_jax.main" not in stdout and not os.path.exists(tmp_path / "sft")
     table = open(tmp_path / "ablation.md").read()
     assert "| 5.6 | 0,1 |" in table and "| 41.9 | 1 |" in table  # The seeds each row holds.
     with open(tmp_path / "summary.json") as f:

@@ -101,6 +101,7 @@ class Experiment:
             config.data.labels,
             config.data.carry_every,
         )
+        self.stages = planned_stages(config)
         self._sft_init = self._check_sft_init()
         self._rm_init = self._check_rm_init()
         self.source = self._make_source()
@@ -108,7 +109,6 @@ class Experiment:
         self.model_config = self._model_config()
         self.metrics = MetricsWriter(workdir, process_index=jax.process_index())
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-        self.stages = planned_stages(config)
         self._stop_requested = False
         self.key = jax.random.key(config.seed)
         self.sampling_params = sampling.SamplingParams(
@@ -230,14 +230,16 @@ class Experiment:
         """reward_model.init_from -> the export directory, after checking it was trained under
         this config's settings (``RM_KEYS``); None when unset or when no stage needs it."""
         src = self.config.reward_model.get("init_from", "")
-        if not src or "reward_model" not in planned_stages(self.config):
+        if not src or "reward_model" not in self.stages:
             return None
         return rm_export.resolve(src, fingerprint(self.config, RM_KEYS))
 
     def _adopt_reward_model(self) -> None:
         """The reward model from reward_model.init_from, and its stage's rows in this run's
         metrics (as they were logged when it was trained)."""
-        like = jax.tree.map(self._to_host, self.states.reward_model.params)
+        like = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.states.reward_model.params
+        )
         params, rows = rm_export.load(self._rm_init, like)
         params = sharding.shard_params(params, self.model_config, self.mesh, self.rules, "value")[0]
         self.states.reward_model = self._new_state(params, self.rm_tx)
