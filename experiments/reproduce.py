@@ -465,14 +465,23 @@ def finished_runs(
     out: str, methods, seeds, variant: str, extra: tuple[str, ...], archive_dir: str | None
 ) -> dict[str, dict[int, str]]:
     """``--report_only``: method -> seed -> workdir of each run that has finished (in ``out``
-    or, made under the config its command asks for, in the archive); nothing is run."""
+    or, made under the config its command asks for, in the archive); nothing is run. A run
+    archived under another config is left out and named, as is one that has not finished."""
     found: dict[str, dict[int, str]] = {}
     for m in methods:
         for s in seeds:
             sft_dir = os.path.join(out, "sft", f"seed_{s}")
             rm_dir = os.path.join(out, "reward_model", f"seed_{s}")
             wd, cmd = method_cmd(out, m, s, variant, extra, sft_dir, rm_dir)
-            if finished(wd, _archived(archive_dir, out, wd), cmd):
+            try:
+                done = finished(wd, _archived(archive_dir, out, wd), cmd)
+            except archive.ArchiveMismatch as e:
+                print(
+                    f"[reproduce] {m} seed {s}: archived under another config, left out: {e}",
+                    flush=True,
+                )
+                continue
+            if done:
                 found.setdefault(m, {})[s] = wd
             else:
                 print(f"[reproduce] {m} seed {s}: not finished, left out", flush=True)

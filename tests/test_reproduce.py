@@ -196,3 +196,20 @@ def test_report_only_tables_what_has_finished_and_runs_nothing(tmp_path):
     assert "| 5.6 | 0,1 |" in table and "| 41.9 | 1 |" in table  # The seeds each row holds.
     with open(tmp_path / "summary.json") as f:
         assert list(json.load(f)["vcppo"]) == ["seed_1"]
+
+
+def test_report_only_names_an_archived_run_it_cannot_reuse_and_reports_the_rest(tmp_path):
+    out, arch = tmp_path / "out", tmp_path / "archive"
+    wd = os.path.join(out, "ppo", "seed_0")
+    fake_run(wd, 0.4, 0.6, 30.0, 20.0, False)
+    open(os.path.join(wd, "DONE"), "w").close()
+    bad = arch / "vcppo" / "seed_0"  # Finished, but its config cannot be checked.
+    fake_run(str(bad), 0.4, 0.7, 30.0, 20.0, True)
+    (bad / "config.json").write_text("{not json")
+    open(bad / "DONE", "w").close()
+    stdout = run_driver(out, "--quick", "--seeds=0", f"--archive={arch}", "--report_only")
+    assert "vcppo seed 0: archived under another config, left out" in stdout
+    assert "config.json cannot be read" in stdout
+    assert not os.path.exists(out / "vcppo" / "seed_0")  # Nothing copied from that run.
+    with open(out / "summary.json") as f:
+        assert list(json.load(f)) == ["ppo"]
