@@ -332,7 +332,8 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     assert out.returncode != 0
     assert "reward_model.learning_rate: checkpoint has 0.001, config has 0.5" in out.stderr
     out = refused(f"--config.reward_model.init_from={tmp_path}")
-    assert out.returncode != 0 and "no finished reward_model stage's model" in out.stderr
+    assert out.returncode != 0 and "no finished reward model there" in out.stderr
+    assert "written when a run's reward_model stage ends" in out.stderr
     broken = str(tmp_path / "broken")
     shutil.copytree(export, broken)
     with open(os.path.join(broken, "params.npz"), "wb") as f:

@@ -66,7 +66,8 @@ def resolve(src: str, fingerprint: dict[str, Any]) -> str:
         fingerprint,
         field="reward_model.init_from",
         export_dir=EXPORT_DIR,
-        what="reward_model stage's model",
+        what="reward model",
+        stage="reward_model",
     )
 
 

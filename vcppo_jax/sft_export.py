@@ -48,15 +48,16 @@ def resolve(
     field: str = "sft.init_from",
     export_dir: str = EXPORT_DIR,
     what: str = "SFT policy",
+    stage: str = "SFT",
 ) -> str:
     """``sft.init_from`` (an export, or the workdir of the run that wrote one) -> the export's
     path, after checking it was trained under ``fingerprint``'s settings. ``field``,
-    ``export_dir`` and ``what`` name another kind of export (rm_export.py)."""
+    ``export_dir``, ``what`` and ``stage`` (the stage that writes it) name another kind of
+    export (rm_export.py)."""
     exported = os.path.isfile(os.path.join(src, FINGERPRINT))
     path = src if exported else os.path.join(src, export_dir)
     fp_file = os.path.join(path, FINGERPRINT)
     if not os.path.isfile(fp_file):
-        stage = what.split()[0]
         raise FileNotFoundError(
             f"{field}={src!r}: no finished {what} there (expected {fp_file}, "
             f"written when a run's {stage} stage ends)"
