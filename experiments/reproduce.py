@@ -462,17 +462,25 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
 
 
 def finished_runs(
-    out: str, methods, seeds, variant: str, extra: tuple[str, ...], archive_dir: str | None
+    out: str,
+    methods,
+    seeds,
+    variant: str,
+    extra: tuple[str, ...],
+    archive_dir: str | None,
+    runs_out: str | None = None,
 ) -> dict[str, dict[int, str]]:
     """``--report_only``: method -> seed -> workdir of each run that has finished (in ``out``
-    or, made under the config its command asks for, in the archive); nothing is run. A run
+    or, made under the config its command asks for, in the archive); nothing is run. Method
+    runs are looked for under ``runs_out`` when given (``--ppo_steps``), SFT and reward models
+    under ``out``. A run
     archived under another config is left out and named, as is one that has not finished."""
     found: dict[str, dict[int, str]] = {}
     for m in methods:
         for s in seeds:
             sft_dir = os.path.join(out, "sft", f"seed_{s}")
             rm_dir = os.path.join(out, "reward_model", f"seed_{s}")
-            wd, cmd = method_cmd(out, m, s, variant, extra, sft_dir, rm_dir)
+            wd, cmd = method_cmd(runs_out or out, m, s, variant, extra, sft_dir, rm_dir)
             try:
                 done = finished(wd, _archived(archive_dir, out, wd), cmd)
             except archive.ArchiveMismatch as e:
@@ -508,6 +516,13 @@ def main() -> None:
         help="folder of committed finished runs (experiments/archive.py): reused, and every "
         "run is copied there when it finishes",
     )
+    parser.add_argument(
+        "--ppo_steps",
+        type=int,
+        default=None,
+        help="PPO steps of every method run (ppo.steps), from the same SFT policies and reward "
+        "models; the runs, tables and figures go to OUT/ppo_steps_N/",
+    )
     args = parser.parse_args()
 
     methods = (
@@ -518,9 +533,17 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     seeds = [int(s) for s in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     extra = QUICK_FLAGS.get(args.variant, ()) if args.quick else ()
-    os.makedirs(args.out, exist_ok=True)
+    runs_out = args.out
+    if args.ppo_steps is not None:
+        if args.ppo_steps < 1:
+            parser.error(f"--ppo_steps must be an integer >= 1, not {args.ppo_steps}")
+        extra += (f"--config.ppo.steps={args.ppo_steps}",)
+        runs_out = os.path.join(args.out, f"ppo_steps_{args.ppo_steps}")
+    # Method runs are archived as they lie under OUT (ARCHIVE/ppo_steps_N/METHOD/seed_S).
+    runs_archive = args.archive and os.path.join(args.archive, os.path.relpath(runs_out, args.out))
+    os.makedirs(runs_out, exist_ok=True)
     if args.report_only:
-        runs = finished_runs(args.out, methods, seeds, args.variant, extra, args.archive)
+        runs = finished_runs(args.out, methods, seeds, args.variant, extra, args.archive, runs_out)
     else:
         sft = {s: train_sft(args.out, s, args.variant, args.dry_run, args.archive) for s in seeds}
         with_rm = needs_reward_model(methods, args.variant)
@@ -535,7 +558,7 @@ def main() -> None:
         runs = {
             m: {
                 s: run_method(
-                    args.out, m, s, args.variant, extra, args.dry_run, sft[s], args.archive, rm[s]
+                    runs_out, m, s, args.variant, extra, args.dry_run, sft[s], runs_archive, rm[s]
                 )
                 for s in seeds
             }
@@ -550,10 +573,10 @@ def main() -> None:
         for m, per_seed in runs.items()
     }
     runs = {m: list(per_seed.values()) for m, per_seed in runs.items()}
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with open(os.path.join(runs_out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    print(write_tables(summary, args.out, seeds))
-    for p in draw(args.out, runs):
+    print(write_tables(summary, runs_out, seeds))
+    for p in draw(runs_out, runs):
         print(p)
 
 

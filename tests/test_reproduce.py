@@ -213,3 +213,35 @@ def test_report_only_names_an_archived_run_it_cannot_reuse_and_reports_the_rest(
     assert not os.path.exists(out / "vcppo" / "seed_0")  # Nothing copied from that run.
     with open(out / "summary.json") as f:
         assert list(json.load(f)) == ["ppo"]
+
+
+def test_ppo_steps_runs_every_method_longer_from_the_same_policies_and_reward_models(tmp_path):
+    stdout = run_driver(tmp_path, "--quick", "--seeds=0", "--ppo_steps=60", "--dry_run")
+    cmds = [line for line in stdout.splitlines() if "vcppo_jax.main" in line]
+    sft, rm, runs = cmds[0], cmds[1], cmds[2:]
+    assert f"--workdir={tmp_path}/sft/seed_0" in sft and "ppo.steps=60" not in sft
+    assert f"--workdir={tmp_path}/reward_model/seed_0" in rm and "ppo.steps=60" not in rm
+    assert len(runs) == 2
+    for c in runs:  # The last ppo.steps flag wins over --quick's 40.
+        assert c.split("--config.ppo.steps=")[-1].split()[0] == "60"
+        assert f"--workdir={tmp_path}/ppo_steps_60/" in c
+        assert f"--config.sft.init_from={tmp_path}/sft/seed_0" in c
+        assert f"--config.reward_model.init_from={tmp_path}/reward_model/seed_0" in c
+    # The report reads the longer runs and writes beside them.
+    wd = os.path.join(tmp_path, "ppo_steps_60", "ppo", "seed_0")
+    fake_run(wd, 0.4, 0.6, 30.0, 20.0, False)
+    open(os.path.join(wd, "DONE"), "w").close()
+    fake_run(os.path.join(tmp_path, "ppo", "seed_0"), 0.4, 0.9, 30.0, 20.0, False)
+    open(os.path.join(tmp_path, "ppo", "seed_0", "DONE"), "w").close()  # Another study's.
+    stdout = run_driver(tmp_path, "--quick", "--seeds=0", "--ppo_steps=60", "--report_only")
+    assert "vcppo seed 0: not finished, left out" in stdout
+    with open(tmp_path / "ppo_steps_60" / "summary.json") as f:
+        assert list(json.load(f)) == ["ppo"]
+    assert not os.path.exists(tmp_path / "summary.json")
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.reproduce", f"--out={tmp_path}", "--ppo_steps=0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "--ppo_steps must be an integer >= 1, not 0" in bad.stderr
