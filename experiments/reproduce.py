@@ -84,6 +84,10 @@ QUICK_FLAGS = {"tiny": ("--config.ppo.steps=40", "--config.eval.every_steps=10")
 # The critics that differ at the first PPO step: from the reward model (ppo; decoupled_only has
 # the same one), pretrained for 30 steps (vcppo and its variants), for 5 and for 120 steps.
 PROFILE_METHODS = ("ppo", "vcppo", "vp_steps_5", "vp_steps_120")
+# The methods the mechanism figure draws where present: PPO, VC-PPO and its two parts (its six
+# panels hold up to four lines per method, readable for four methods but not for twelve; a
+# --report_only run with --methods draws any others).
+MECHANISM_METHODS = ("ppo", "vcppo", "vp_only", "decoupled_only")
 LAMBDA_ROWS = (
     ("0.9", "lambda_actor_0.9"),
     ("0.95", "vcppo"),
@@ -379,6 +383,20 @@ def write_tables(summary: dict, out: str, seeds) -> str:
     return text
 
 
+def vp_series(
+    runs: dict[str, list[str]], metrics: dict[str, list[list[dict]]], methods, key: str
+) -> dict[str, tuple[list, list]]:
+    """Each run's value-pretraining curve of ``key``, labelled ``METHOD seed N``: the plateau
+    rule stops seeds at different steps, and a mean over them would end at the shortest."""
+    return {
+        f"{m} {os.path.basename(wd).replace('_', ' ')}": plotting.mean_curve(
+            [rows], "value_pretrain", key
+        )
+        for m in methods
+        for wd, rows in zip(runs[m], metrics[m], strict=True)
+    }
+
+
 def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
     """Figures averaged over seeds: one line per method."""
     fig_dir = os.path.join(out, "figures")
@@ -386,7 +404,10 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
     metrics = {m: [read_metrics(wd) for wd in wds] for m, wds in runs.items()}
 
     written = []
-    mech = plotting.plot_mechanism(metrics, os.path.join(fig_dir, "mechanism.png"))
+    mech_shown = [m for m in MECHANISM_METHODS if m in metrics] or list(metrics)
+    mech = plotting.plot_mechanism(
+        {m: metrics[m] for m in mech_shown}, os.path.join(fig_dir, "mechanism.png")
+    )
     if mech:
         written.append(mech)
     for key, stage, title, fname in (
@@ -440,19 +461,15 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         )
     )
 
-    vp = {  # Methods whose pretraining differs (the rest repeat vcppo's 30 steps exactly).
-        m: rows
+    vp = [  # Methods whose pretraining differs (the rest repeat vcppo's exactly).
+        m
         for m, rows in metrics.items()
         if (m in shown or shown == list(runs))
         and any(r["stage"] == "value_pretrain" for r in rows[0])
-    }
+    ]
     if vp:
         panels = [
-            (
-                plotting.vp_title(key),
-                "value-pretraining step",
-                {m: plotting.mean_curve(rows, "value_pretrain", key) for m, rows in vp.items()},
-            )
+            (plotting.vp_title(key), "value-pretraining step", vp_series(runs, metrics, vp, key))
             for key in plotting.VP_KEYS
         ]
         written.append(

@@ -245,3 +245,37 @@ def test_ppo_steps_runs_every_method_longer_from_the_same_policies_and_reward_mo
         text=True,
     )
     assert bad.returncode != 0 and "--ppo_steps must be an integer >= 1, not 0" in bad.stderr
+
+
+def test_figures_draw_each_seeds_pretraining_and_the_core_methods_mechanism(tmp_path, monkeypatch):
+    runs = {}
+    for method, vp in (("ppo", False), ("vcppo", True), ("lambda_actor_0.9", True)):
+        runs[method] = []
+        for seed in (0, 1):
+            wd = os.path.join(tmp_path, method, f"seed_{seed}")
+            fake_run(wd, 0.4, 0.6, 30.0, 20.0, vp)
+            runs[method].append(wd)
+    # Seed 1's pretraining ran two more steps (the plateau rule stops seeds apart).
+    with open(os.path.join(runs["vcppo"][1], "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    extra = [dict(rows[2], step=s, **{"critic/value_loss": 0.1 * s}) for s in (3, 4)]
+    with open(os.path.join(runs["vcppo"][1], "metrics.jsonl"), "w") as f:
+        for r in rows[:3] + extra + rows[3:]:
+            f.write(json.dumps(r) + "\n")
+    metrics = {m: [reproduce.read_metrics(wd) for wd in wds] for m, wds in runs.items()}
+    series = reproduce.vp_series(runs, metrics, ["vcppo"], "critic/value_loss")
+    assert list(series) == ["vcppo seed 0", "vcppo seed 1"]
+    assert series["vcppo seed 0"][0] == [0, 1, 2] and series["vcppo seed 1"][0] == [0, 1, 2, 3, 4]
+    assert series["vcppo seed 1"][1][-1] == pytest.approx(0.4)
+    drawn = {}
+    real = reproduce.plotting.plot_mechanism
+    monkeypatch.setattr(
+        reproduce.plotting,
+        "plot_mechanism",
+        lambda rs, path: drawn.setdefault("methods", list(rs)) and real(rs, path),
+    )
+    reproduce.draw(str(tmp_path), runs)
+    assert drawn["methods"] == ["ppo", "vcppo"]  # Not lambda_actor_0.9: not a core method.
+    drawn.clear()
+    reproduce.draw(str(tmp_path), {"lambda_actor_0.9": runs["lambda_actor_0.9"]})
+    assert drawn["methods"] == ["lambda_actor_0.9"]  # No core method asked for: what was.
