@@ -383,15 +383,12 @@ def write_tables(summary: dict, out: str, seeds) -> str:
     return text
 
 
-def vp_series(
-    runs: dict[str, list[str]], metrics: dict[str, list[list[dict]]], methods, key: str
+def per_run_series(
+    runs: dict[str, list[str]], metrics: dict[str, list[list[dict]]], methods, stage: str, key: str
 ) -> dict[str, tuple[list, list]]:
-    """Each run's value-pretraining curve of ``key``, labelled ``METHOD seed N``: the plateau
-    rule stops seeds at different steps, and a mean over them would end at the shortest."""
+    """Each run's curve of ``key`` in ``stage``, labelled ``METHOD seed N``, for ``methods``."""
     return {
-        f"{m} {os.path.basename(wd).replace('_', ' ')}": plotting.mean_curve(
-            [rows], "value_pretrain", key
-        )
+        f"{m} {os.path.basename(wd).replace('_', ' ')}": plotting.mean_curve([rows], stage, key)
         for m in methods
         for wd, rows in zip(runs[m], metrics[m], strict=True)
     }
@@ -419,13 +416,7 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         n_runs = sum(len(wds) for wds in runs.values())
         if n_runs <= MAX_SEED_LINES and any(len(wds) > 1 for wds in runs.values()):
             # Seeds can go opposite ways (a mean hides it): each run too, beside the mean.
-            per_run = {
-                f"{m} {os.path.basename(wd).replace('_', ' ')}": plotting.mean_curve(
-                    [rows], stage, key
-                )
-                for m, wds in runs.items()
-                for wd, rows in zip(wds, metrics[m], strict=True)
-            }
+            per_run = per_run_series(runs, metrics, runs, stage, key)
             panels.append((f"{title}, each seed", "PPO step", per_run))
         path = os.path.join(fig_dir, fname)
         written.append(plotting.save_panels(path, panels, ncols=len(panels)))
@@ -467,9 +458,13 @@ def draw(out: str, runs: dict[str, list[str]]) -> list[str]:
         if (m in shown or shown == list(runs))
         and any(r["stage"] == "value_pretrain" for r in rows[0])
     ]
-    if vp:
+    if vp:  # Each run: the plateau rule stops seeds apart, and a mean ends at the shortest.
         panels = [
-            (plotting.vp_title(key), "value-pretraining step", vp_series(runs, metrics, vp, key))
+            (
+                plotting.vp_title(key),
+                "value-pretraining step",
+                per_run_series(runs, metrics, vp, "value_pretrain", key),
+            )
             for key in plotting.VP_KEYS
         ]
         written.append(
@@ -490,8 +485,8 @@ def finished_runs(
     """``--report_only``: method -> seed -> workdir of each run that has finished (in ``out``
     or, made under the config its command asks for, in the archive); nothing is run. Method
     runs are looked for under ``runs_out`` when given (``--ppo_steps``), SFT and reward models
-    under ``out``. A run
-    archived under another config is left out and named, as is one that has not finished."""
+    under ``out``. A run archived under another config is left out and named, as is one that
+    has not finished."""
     found: dict[str, dict[int, str]] = {}
     for m in methods:
         for s in seeds:

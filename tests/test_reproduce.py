@@ -263,7 +263,9 @@ def test_figures_draw_each_seeds_pretraining_and_the_core_methods_mechanism(tmp_
         for r in rows[:3] + extra + rows[3:]:
             f.write(json.dumps(r) + "\n")
     metrics = {m: [reproduce.read_metrics(wd) for wd in wds] for m, wds in runs.items()}
-    series = reproduce.vp_series(runs, metrics, ["vcppo"], "critic/value_loss")
+    series = reproduce.per_run_series(
+        runs, metrics, ["vcppo"], "value_pretrain", "critic/value_loss"
+    )
     assert list(series) == ["vcppo seed 0", "vcppo seed 1"]
     assert series["vcppo seed 0"][0] == [0, 1, 2] and series["vcppo seed 1"][0] == [0, 1, 2, 3, 4]
     assert series["vcppo seed 1"][1][-1] == pytest.approx(0.4)
