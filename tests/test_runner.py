@@ -299,14 +299,21 @@ def test_ppo_baseline_trains_a_reward_model_and_starts_the_critic_from_it(full_r
     own, adopted = wd_shared, str(tmp_path / "adopted")
     export = os.path.join(full_run[0], "reward_model_export")
     assert {"params.npz", "fingerprint.json", "metrics.jsonl"} <= set(os.listdir(export))
-    out = run_main(
-        adopted,
-        *shared,
-        f"--config.reward_model.init_from={full_run[0]}",
+    # Read from a copy, stopped after one PPO step; the copy is then deleted and the run
+    # resumes past the reward-model stage without it (the checkpoint holds the model).
+    copy = str(tmp_path / "rm_copy")
+    shutil.copytree(full_run[0], copy, ignore=shutil.ignore_patterns("checkpoints"))
+    adopt = lambda *flags: run_main(
+        adopted, *shared, f"--config.reward_model.init_from={copy}", *flags,
         config="configs/ppo.py:smoke",
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    )  # fmt: skip
+    out = adopt("--config.stop_after_steps=1")
+    assert out.returncode == 0 and "stopped (stop_after_steps)" in out.stderr, out.stderr[-3000:]
     assert "3 logged rows adopted" in out.stderr
+    shutil.rmtree(copy)
+    out = adopt()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resumed from checkpoint" in out.stderr and "rows adopted" not in out.stderr
     assert comparable(rows(adopted)) == comparable(rows(own))
     assert not os.path.exists(os.path.join(adopted, "reward_model_export"))  # Not re-exported.
     # A run stopped part-way through training its own reward model, then resumed with

@@ -103,7 +103,9 @@ class Experiment:
         )
         self.stages = planned_stages(config)
         self._sft_init = self._check_sft_init()
-        self._rm_init = self._check_rm_init()
+        # reward_model.init_from as given (None when unset or unneeded); resolved and checked in
+        # ``run`` while the reward-model stage is still to come (``_check_rm_init``).
+        self._rm_init = self._rm_source()
         self.source = self._make_source()
         self.tokenizer = self.source.tokenizer
         self.model_config = self._model_config()
@@ -226,13 +228,21 @@ class Experiment:
             sft_export.adopt_tokenizer(path, mine, src)
         return path
 
-    def _check_rm_init(self) -> str | None:
-        """reward_model.init_from -> the export directory, after checking it was trained under
-        this config's settings (``RM_KEYS``); None when unset or when no stage needs it."""
+    def _rm_source(self) -> str | None:
+        """reward_model.init_from, or None when unset or when no stage needs it."""
         src = self.config.reward_model.get("init_from", "")
         if not src or "reward_model" not in self.stages:
             return None
-        return rm_export.resolve(src, fingerprint(self.config, RM_KEYS))
+        return src
+
+    def _check_rm_init(self, stage_index: int) -> None:
+        """Resolves reward_model.init_from to the export directory, after checking it was
+        trained under this config's settings (``RM_KEYS``), when the run (fresh or resumed) has
+        its reward-model stage still to come. A run resumed past that stage holds the model in
+        its checkpoint and does not read the export again, so deleting an export once the runs
+        reading it are past it loses nothing."""
+        if self._rm_init and stage_index <= self.stages.index("reward_model"):
+            self._rm_init = rm_export.resolve(self._rm_init, fingerprint(self.config, RM_KEYS))
 
     def _adopt_reward_model(self) -> None:
         """The reward model from reward_model.init_from, and its stage's rows in this run's
@@ -628,6 +638,7 @@ class Experiment:
         goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps."""
         c = self.config
         stage_index, stage_step = self.restore()
+        self._check_rm_init(stage_index)
         if jax.process_index() == 0:  # Only now: the checkpoint's fingerprint was accepted.
             record = json.loads(c.to_json_best_effort())
             # What "auto" settings stand for on this machine.
