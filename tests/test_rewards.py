@@ -3,6 +3,7 @@
 import os
 import signal
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -279,7 +280,13 @@ def test_reward_model_heldout_set_and_separation():
     # pairs say perfect.
     ranked = rm.separation(np.array([-0.1, -0.9] * 4), r, w, settings)
     assert ranked["rm/heldout_accuracy"] == 0.5 and ranked["rm/heldout_pair_accuracy"] == 1.0
-    assert "rm/heldout_pair_accuracy" not in rm.separation(scores[:3], r[:3], w[:3], settings)
+    # Three written answers: no pairs and no direct route, so no keys for them (not NaN).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        few = rm.separation(scores[:3], r[:3], w[:3], settings)
+    assert "rm/heldout_pair_accuracy" not in few and "rm/heldout_accuracy_direct" not in few
+    assert few["rm/heldout_accuracy_written"] == 1.0
+    assert "rm/heldout_margin" not in rm.separation(scores[::2], r[::2], w[::2], settings)
     # Targets 0 / -1: the midpoint -0.5 separates.
     got = rm.separation(scores, r, w, rm.Settings(4, 0.3, 0.0, -1.0))
     assert got["rm/heldout_accuracy_written"] == 0.5  # Every written score is above -0.5.

@@ -239,22 +239,29 @@ def evaluate(ctx: Context, state: TrainState, settings: Settings) -> dict[str, f
 def separation(
     scores: np.ndarray, right: np.ndarray, written: np.ndarray, settings: Settings
 ) -> dict[str, float]:
-    """Held-out metrics from scores [M], whether each answer is right and written."""
+    """Held-out metrics from scores [M], whether each answer is right and written. A group
+    with no answers in it (a route, or right or wrong answers, absent) has no key rather
+    than a NaN."""
     mid = 0.5 * (settings.correct + settings.incorrect)
     sign = 1.0 if settings.correct > settings.incorrect else -1.0
     ok = (sign * (scores - mid) > 0) == right
-    out = {
-        "rm/heldout_accuracy": float(ok.mean()),
-        "rm/heldout_accuracy_written": float(ok[written].mean()),
-        "rm/heldout_accuracy_direct": float(ok[~written].mean()),
-        "rm/heldout_margin": float(scores[right].mean() - scores[~right].mean()),
-    }
+    out = {}
+
+    def put(key: str, values: np.ndarray) -> None:
+        if values.size:
+            out[key] = float(values.mean())
+
+    put("rm/heldout_accuracy", ok)
+    put("rm/heldout_accuracy_written", ok[written])
+    put("rm/heldout_accuracy_direct", ok[~written])
+    if right.any() and not right.all():
+        out["rm/heldout_margin"] = float(scores[right].mean() - scores[~right].mean())
     # Pairs as answered_four_ways lays them out: each right answer followed by its wrong one.
     if len(scores) % 2 == 0 and right[0::2].all() and not right[1::2].any():
         d = sign * (scores[0::2] - scores[1::2])
         won = np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0))
         pw = written[0::2]
-        out["rm/heldout_pair_accuracy"] = float(won.mean())
-        out["rm/heldout_pair_accuracy_written"] = float(won[pw].mean())
-        out["rm/heldout_pair_accuracy_direct"] = float(won[~pw].mean())
+        put("rm/heldout_pair_accuracy", won)
+        put("rm/heldout_pair_accuracy_written", won[pw])
+        put("rm/heldout_pair_accuracy_direct", won[~pw])
     return out
