@@ -1,10 +1,11 @@
 """Finished runs kept in the repository, so a long study can be built up over several sessions.
 
 A workdir holds checkpoints and event files (megabytes); what the study's tables and figures are
-drawn from is small: ``metrics.jsonl``, ``config.json``, ``position_profile.json``, the ``DONE``
-marker and, for an SFT run, its ``sft_policy`` export (the tiny model's weights and tokenizer,
-about a megabyte), which every method of that seed starts from, and for a reward-model run
-its ``reward_model_export`` (as small), which every method of that seed needing one reads.
+drawn from is small: ``metrics.jsonl``, ``config.json`` (with the host it ran on),
+``resumes.jsonl``, ``position_profile.json``, the ``DONE`` marker and, for an SFT run, its
+``sft_policy`` export (the tiny model's weights and tokenizer, about a megabyte), which every
+method of that seed starts from, and for a reward-model run its ``reward_model_export`` (as
+small), which every method of that seed needing one reads.
 ``save`` copies those files of a finished run into an archive folder (e.g.
 ``docs/results/study_long``, committed); ``restore`` puts them back into an empty workdir, which
 the drivers then treat as finished. Both drivers take ``--archive DIR``: finished runs found
@@ -20,7 +21,7 @@ import json
 import os
 import shutil
 
-RUN_FILES = ("DONE", "metrics.jsonl", "config.json", "position_profile.json")
+RUN_FILES = ("DONE", "metrics.jsonl", "config.json", "position_profile.json", "resumes.jsonl")
 RUN_DIRS = ("sft_policy", "reward_model_export")
 
 # Fields that say where a run's inputs were or what "auto" stood for, not what the run was:

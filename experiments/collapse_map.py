@@ -137,6 +137,7 @@ def summarise(wd: str) -> dict:
     times = [r["time"] for r in rows if "time" in r]
     if len(times) > 1:
         out["minutes"] = (times[-1] - times[0]) / 60
+    out["host"] = reproduce.run_host(wd)
     out["collapsed"] = bool(
         out["min_length_ratio"] < COLLAPSE_LENGTH_RATIO
         and out["min_accuracy"] < out["initial_accuracy"] - COLLAPSE_ACCURACY_DROP
@@ -204,6 +205,8 @@ def write_runs_table(results: dict, out: str) -> str:
                     f"{join(r['greedy_accuracy_by_eval'], 100.0)} | {length} | {share} | "
                     f"{margin} | {minutes} |"
                 )
+    flat = {f"{c}/{m}": per_seed for c, per_m in results.items() for m, per_seed in per_m.items()}
+    lines += ["", reproduce.hosts_line(flat)]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "runs_table.md"), "w") as f:
         f.write(text)

@@ -246,6 +246,26 @@ MECHANISM_KEYS = (
 )
 
 
+def run_host(wd: str) -> str:
+    """The numerical environment a run was made on: ``resolved.host.id`` of its config.json
+    (``vcppo_jax.workdir.host_record``), ``mixed`` where its resumes.jsonl records a resume
+    on another, ``unrecorded`` for a run made before hosts were recorded."""
+    try:
+        with open(os.path.join(wd, "config.json")) as f:
+            host = json.load(f).get("resolved", {}).get("host", {}).get("id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        host = None
+    if host is None:
+        return "unrecorded"
+    try:
+        with open(os.path.join(wd, "resumes.jsonl")) as f:
+            resumes = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        resumes = []
+    moved = any(k.startswith("resolved.host.") for r in resumes for k in r.get("changed", {}))
+    return "mixed" if moved else host
+
+
 def summarise_run(wd: str) -> dict:
     rows = read_metrics(wd)
     evals = [r for r in rows if r["stage"] == "eval"]
@@ -257,6 +277,7 @@ def summarise_run(wd: str) -> dict:
         "initial_accuracy": evals[0]["eval/accuracy"],
         "final_accuracy": evals[-1]["eval/accuracy"],
         "best_accuracy": max(r["eval/accuracy"] for r in evals),
+        "host": run_host(wd),
     }
     if "eval/direct_fraction" in evals[0]:  # Share of sampled answers on the short route.
         out["initial_direct_fraction"] = evals[0]["eval/direct_fraction"]
@@ -377,10 +398,30 @@ def write_tables(summary: dict, out: str, seeds) -> str:
                 f"{routes} | {opt(rs, 'vp_steps', fmt='{:.0f}')} | "
                 f"{opt(rs, 'vp_final_value_loss')} | {opt(rs, 'vp_final_explained_variance')} |"
             )
+    lines += ["", hosts_line(summary)]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(text)
     return text
+
+
+def hosts_line(summary: dict) -> str:
+    """Which numerical environments the runs of a summary were made on (``run_host``): runs
+    of one config repeat bit for bit within one, and may part after tens of steps across two."""
+    count: dict[str, int] = {}
+    for per_seed in summary.values():
+        for r in per_seed.values():
+            count[r.get("host", "unrecorded")] = count.get(r.get("host", "unrecorded"), 0) + 1
+    known = sorted(h for h in count if h not in ("unrecorded", "mixed"))
+    parts = [f"`{h}` ({count[h]} runs)" for h in known]
+    if "mixed" in count:
+        parts.append(f"resumed on another host ({count['mixed']} runs)")
+    if "unrecorded" in count:
+        parts.append(f"unrecorded ({count['unrecorded']} runs, made before hosts were recorded)")
+    return (
+        f"Hosts (`resolved.host.id` in each run's config.json; runs repeat bit for bit only on "
+        f"one): {len(known)} recorded; " + ", ".join(parts) + "."
+    )
 
 
 def per_run_series(

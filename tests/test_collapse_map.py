@@ -78,6 +78,7 @@ def test_table_and_heat_maps(tmp_path):
         "n/a | +0.50 | n/a |" in runs_text
     )
     assert runs_text == open(os.path.join(tmp_path, "runs_table.md")).read()
+    assert "unrecorded (8 runs, made before hosts were recorded)." in runs_text  # No config.json.
     figs = cm.draw(results, axes, str(tmp_path))
     assert sorted(os.path.basename(f) for f in figs) == [
         "final_accuracy.png",

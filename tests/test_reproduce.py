@@ -123,8 +123,17 @@ def test_summary_tables_and_figures(tmp_path):
             "rm_heldout_accuracy": 0.75,
             "rm_heldout_accuracy_written": 0.9,
             "rm_heldout_accuracy_direct": 0.6,
+            "host": "unrecorded",  # No config.json with a host (a run from before they were).
         }
     )
+    # The host a run was made on, and a run resumed on another host.
+    for wd in runs["vcppo"]:
+        with open(os.path.join(wd, "config.json"), "w") as f:
+            json.dump({"resolved": {"host": {"id": "abc123", "cpu": "x"}}}, f)
+    with open(os.path.join(runs["vcppo"][1], "resumes.jsonl"), "w") as f:
+        f.write(json.dumps({"changed": {"resolved.host.cpu": ["y", "x"]}}) + "\n")
+    assert reproduce.run_host(runs["vcppo"][0]) == "abc123"
+    assert reproduce.run_host(runs["vcppo"][1]) == "mixed"
     s = reproduce.summarise_run(runs["vcppo"][0])
     assert s["vp_steps"] == 3 and s["vp_final_value_loss"] == pytest.approx(1 / 3)
     assert s["vp_final_explained_variance"] == pytest.approx(0.2) and "rm_heldout_accuracy" not in s
@@ -135,6 +144,10 @@ def test_summary_tables_and_figures(tmp_path):
     text = reproduce.write_tables(summary, out, [0, 1])
     assert "| 65.0 ± 5.0 |" in text and "| 5.6 | 0,1 |" in text  # Final; the paper's PPO; seeds.
     assert "| 0.9 | 65.0 ± 5.0 | 34.3 |" in text
+    assert text.rstrip().endswith(
+        "1 recorded; `abc123` (1 runs), resumed on another host (1 runs), "
+        "unrecorded (4 runs, made before hosts were recorded)."
+    )
     assert "| 75.0 ± 0.0 | 90 ± 0 / 60 ± 0 |  |  |  |" in text  # PPO: the reward model.
     assert "|  |  | 3 ± 0 | 0.33 ± 0.00 | 0.20 ± 0.00 |" in text  # VC-PPO: pretraining.
     assert (

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +81,9 @@ def test_smoke_run_writes_metrics_checkpoints_and_config(full_run):
     with open(os.path.join(wd, "config.json")) as f:
         recorded = json.load(f)
     assert recorded["experiment"] == "vcppo"
-    assert recorded["resolved"] == {"model.attention": "xla"}  # What "auto" would resolve.
+    assert recorded["resolved"]["model.attention"] == "xla"  # What "auto" would resolve.
+    host = recorded["resolved"]["host"]  # The numerical environment it ran on.
+    assert host["backend"] == "cpu" and host["jax"] == jax.__version__ and len(host["id"]) == 12
     with open(os.path.join(wd, "position_profile.json")) as f:
         prof = json.load(f)
     assert set(prof) == {"count", "value", "advantage", "return"}

@@ -55,3 +55,17 @@ def test_unusable_workdirs_are_refused_naming_the_path(tmp_path):
             workdir.prepare(str(ro))
     workdir.prepare(str(tmp_path / "new" / "deeper"))
     assert os.listdir(tmp_path / "new" / "deeper") == []  # The write probe is removed.
+
+
+def test_host_record_names_the_numerical_environment():
+    import hashlib
+
+    import jax
+
+    host = workdir.host_record()
+    assert host == workdir.host_record()  # Stable within a process.
+    assert host["jax"] == jax.__version__ and host["backend"] == jax.default_backend()
+    rest = {k: v for k, v in host.items() if k != "id"}
+    digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:12]
+    assert host["id"] == digest  # Any field that differs gives another id.
+    assert host["cpu"] and len(host["cpu_flags"]) == 12

@@ -641,8 +641,11 @@ class Experiment:
         self._check_rm_init(stage_index)
         if jax.process_index() == 0:  # Only now: the checkpoint's fingerprint was accepted.
             record = json.loads(c.to_json_best_effort())
-            # What "auto" settings stand for on this machine.
-            record["resolved"] = {"model.attention": attention_lib.resolve(c.model.attention)}
+            # What "auto" settings stand for on this machine, and the machine (its numerics).
+            record["resolved"] = {
+                "model.attention": attention_lib.resolve(c.model.attention),
+                "host": workdir_lib.host_record(),
+            }
             workdir_lib.record_config(
                 self.workdir, json.dumps(record, indent=2, sort_keys=True), self._resumed_at
             )

@@ -9,13 +9,21 @@ left by a dead run is taken over, with a message naming it.
 and, on a resume, lists the fields that differ from the previous run's config (those outside
 the fingerprint: the fingerprinted ones were refused before) on stderr and appends them to
 ``resumes.jsonl``, so a workdir's record says what every part of it ran under.
+
+``host_record`` says what numerical environment a run ran on (the runner records it in
+``config.json`` under ``resolved.host``): runs repeat bit for bit on one such environment, but
+XLA's CPU kernels differ by processor and version, and the last digits of two hosts' runs
+differ, which over tens of PPO steps can part their trajectories. A resume on another host
+shows in ``resumes.jsonl`` as a change of ``resolved.host``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+import platform
 import socket
 import sys
 import time
@@ -153,3 +161,44 @@ def record_config(workdir: str, config_json: str, resumed_at: str | None) -> dic
         f.write(config_json)
     os.replace(tmp, path)
     return changes
+
+
+def _cpu() -> tuple[str, str]:
+    """The processor's model name and a digest of its feature flags (what XLA's CPU code is
+    compiled for), from /proc/cpuinfo where there is one."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = fields.get("flags") or fields.get("Features") or ""
+    digest = hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:12]
+    return fields.get("model name") or platform.processor() or platform.machine(), digest
+
+
+def host_record() -> dict[str, Any]:
+    """The numerical environment of this process: library versions, backend, devices and, on
+    a CPU, the processor, with ``id``, a short digest of all of it (equal ids: runs of one
+    config repeat bit for bit; different ids: they may differ in the last digits)."""
+    import jax
+    import jaxlib
+
+    device = jax.devices()[0]
+    cpu, flags = _cpu()
+    record = {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cpu_flags": flags,
+    }
+    record["id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+    return record
