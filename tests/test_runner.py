@@ -600,6 +600,10 @@ def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
     c.model.rope_theta = 1e5
     exp = runner.Experiment(c, str(tmp_path))
     assert exp.model_config.rope_theta == 1e5  # model.rope_theta reaches the model.
+    # The model's table is rounded up past the tokenizer; the sampler never draws those ids.
+    assert exp.model_config.vocab_size >= exp.tokenizer.vocab_size
+    for sp in (exp.sampling_params, exp.greedy_params):
+        assert sp.vocab_limit == exp.tokenizer.vocab_size
     problems = exp.source.eval_problems(6)
     direct, written = evaluation.route_prefixes(exp.tokenizer, problems)
     tok = exp.tokenizer

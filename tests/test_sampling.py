@@ -146,6 +146,45 @@ def test_sampling_frequencies_follow_filtered_distribution():
     np.testing.assert_allclose(freq, p, atol=0.04)
 
 
+def test_ids_past_the_tokenizer_are_never_sampled():
+    """``vocab_limit``: a model whose table is larger than its tokenizer (the runner rounds it
+    up to a multiple of 8) must never emit the extra ids, which no tokenizer can decode. With
+    the extra ids made likely, the masked sampler never picks them, greedy or sampled, and
+    every token the unmasked sampler drew from the valid ids is drawn alike (Gumbel-max over
+    the same noise), so runs that never met an extra id repeat exactly."""
+    config = models.ModelConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=1, num_kv_heads=1
+    )
+    params = models.init_params(config, jax.random.key(3))
+    kernel = np.asarray(params["lm_head"]).copy()
+    kernel[:, 6:] = 0.0
+    params = dict(params, lm_head=jnp.asarray(kernel))
+    prompts = np.ones((400, 1), np.int32)
+    lengths = np.ones(400)
+    logits = models.forward(config, params, jnp.ones((1, 1), jnp.int32))[0, -1]
+    p = np.asarray(jax.nn.softmax(logits))
+    assert p[6:].sum() > 0.05  # The extra ids are likely enough to be drawn unmasked.
+    for temperature in (1.0, 0.0):
+        free = SamplingParams(max_new_tokens=3, temperature=temperature)
+        limited = dataclasses.replace(free, vocab_limit=6)
+        a = sampling.generate(config, params, prompts, lengths, free, jax.random.key(7))
+        b = sampling.generate(config, params, prompts, lengths, limited, jax.random.key(7))
+        ta, tb = np.asarray(a.response_tokens), np.asarray(b.response_tokens)
+        assert tb.max() < 6
+        if temperature:
+            assert (ta >= 6).any()
+            # Where the free sampler drew valid ids all along, the limited one drew the same.
+            clean = (ta < 6).all(axis=1)
+            assert clean.sum() > 50
+            np.testing.assert_array_equal(ta[clean], tb[clean])
+            # Log-probs are those of the renormalised distribution over the valid ids.
+            first = np.asarray(b.response_logprobs[:, 0])
+            want = np.log(p[tb[:, 0]] / p[:6].sum())
+            np.testing.assert_allclose(first, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="vocab_limit"):
+        SamplingParams(max_new_tokens=1, vocab_limit=-1)
+
+
 def test_no_recompile_within_a_bucket():
     config = models.ModelConfig(
         vocab_size=20,

@@ -120,6 +120,8 @@ class Experiment:
             top_k=config.rollout.top_k,
             eos_ids=(self.tokenizer.eos_id,),
             pad_id=self.tokenizer.pad_id,
+            # The model's table is rounded up past the tokenizer's ids: never sample those.
+            vocab_limit=self.tokenizer.vocab_size,
         )
         self.greedy_params = dataclasses.replace(self.sampling_params, temperature=0.0)
         self._stage_settings()

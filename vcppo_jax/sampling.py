@@ -40,6 +40,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = off.
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
+    # Ids at or above this are never sampled (0: every id of the model). A model's embedding
+    # table is often larger than its tokenizer (rounded up to a multiple of 8 here, padded in
+    # HF checkpoints); those ids decode to nothing, so they are masked before any filtering.
+    vocab_limit: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -50,6 +54,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0; got {self.top_k}")
+        if self.vocab_limit < 0:
+            raise ValueError(f"vocab_limit must be >= 0; got {self.vocab_limit}")
 
 
 @flax.struct.dataclass
@@ -109,8 +115,20 @@ def _argmax(x: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
+def mask_vocab(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Logits with the ids at or above ``params.vocab_limit`` (when set) at the float32 minimum.
+    Gumbel-max sampling and argmax then pick what they would have picked unmasked, unless that
+    was a masked id."""
+    logits = logits.astype(jnp.float32)
+    if 0 < params.vocab_limit < logits.shape[-1]:
+        ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        logits = jnp.where(ids < params.vocab_limit, logits, jnp.finfo(jnp.float32).min)
+    return logits
+
+
 def _choose(logits, rng, params: SamplingParams):
     """-> (token [B], log-prob under the sampling distribution [B])."""
+    logits = mask_vocab(logits, params)
     if params.temperature == 0:
         logits = logits.astype(jnp.float32)
         token = _argmax(logits)
