@@ -53,6 +53,12 @@ def base_config() -> ml_collections.ConfigDict:
     # departure, for a reward model that has to find one slipped digit in a long answer;
     # README, "The long regime"). Value models of either kind start from the policy's weights.
     c.model.value_inputs = "hidden"
+    # The embedding table is larger than the tokenizer (rounded up to a multiple of 8, or a HF
+    # checkpoint's padding). True: the ids past the tokenizer get no probability anywhere, in
+    # training as in sampling (ModelConfig.vocab_limit). False: the trainer's softmax runs over
+    # the whole table while the sampler never draws those ids, as every run archived before
+    # this field existed was made (experiments/archive.py; README, "Sampler").
+    c.model.mask_unused_vocab = True
 
     # Data: the synthetic long chain-of-thought task (vcppo_jax/data/synthetic.py).
     c.data = ml_collections.ConfigDict()

@@ -30,6 +30,11 @@ RUN_DIRS = ("sft_policy", "reward_model_export")
 NOT_COMPARED = ("sft.init_from", "reward_model.init_from", "resolved")
 
 
+# Fields added to the project whose default differs from what runs made before them did: an
+# archived config without the field was made at this value, and is compared as such.
+ADDED_FIELDS = {"model.mask_unused_vocab": False}
+
+
 class ArchiveMismatch(RuntimeError):
     """An archived run was made under a config that differs from the run asked for now."""
 
@@ -79,10 +84,12 @@ def unread_fields(config: dict) -> tuple[str, ...]:
 
 def config_differences(archived: dict, wanted: dict) -> list[str]:
     """One line per field set in both configs to different values. A field only one of them
-    has (added to the project after the run, or since removed) is not compared, nor are the
+    has (added to the project after the run, or since removed) is not compared, except one of
+    ``ADDED_FIELDS``, which an archived config lacking it ran at its listed value; nor are the
     fields no stage of the run reads (``unread_fields``) when both configs plan the same
     stages and agree on ``ppo.steps``; where the stages differ, that is the first line."""
     old, new = _flat(archived), _flat(wanted)
+    old = {**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **old}
     lines = []
     skip = NOT_COMPARED
     a_stages, w_stages = stages_of(archived), stages_of(wanted)

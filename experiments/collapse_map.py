@@ -305,7 +305,9 @@ def main() -> None:
         action="store_true",
         help="run nothing: summarise the finished runs of the grid (a partial map) and draw",
     )
+    reproduce.add_set_flag(parser)
     args = parser.parse_args()
+    reproduce.set_common_flags(parser, args.set)
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in MAP_METHODS]

@@ -158,6 +158,35 @@ def _archived(archive_dir: str | None, out: str, wd: str) -> str | None:
     return os.path.join(archive_dir, os.path.relpath(wd, out)) if archive_dir else None
 
 
+# ``--set KEY=VALUE`` of the drivers: config overrides of every run they make (SFT, reward
+# model, methods), placed before each run's own flags.
+COMMON_FLAGS: list[str] = []
+
+
+def add_set_flag(parser) -> None:
+    """The drivers' ``--set KEY=VALUE`` (repeatable)."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override of every run (SFT and reward model included), e.g. "
+        "model.mask_unused_vocab=False to reuse or redraw the runs archived before that field "
+        "existed; repeatable",
+    )
+
+
+def set_common_flags(parser, pairs: list[str]) -> None:
+    """``--set`` values -> ``COMMON_FLAGS``; a malformed one is a usage error naming it."""
+    flags = []
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key or key.startswith("-") or " " in key:
+            parser.error(f"--set {pair!r}: expected KEY=VALUE, e.g. model.mask_unused_vocab=False")
+        flags.append(f"--config.{key}={value}")
+    COMMON_FLAGS[:] = flags
+
+
 def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str]:
     return [
         sys.executable,
@@ -166,6 +195,7 @@ def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str
         f"--config={config}:{variant}",
         f"--workdir={wd}",
         f"--config.seed={seed}",
+        *COMMON_FLAGS,
         *flags,
     ]
 
@@ -576,7 +606,9 @@ def main() -> None:
         help="PPO steps of every method run (ppo.steps), from the same SFT policies and reward "
         "models; the runs, tables and figures go to OUT/ppo_steps_N/",
     )
+    add_set_flag(parser)
     args = parser.parse_args()
+    set_common_flags(parser, args.set)
 
     methods = (
         args.methods.split(",") if args.methods else list(QUICK_METHODS if args.quick else METHODS)

@@ -70,6 +70,34 @@ def test_config_differences_name_changed_fields_only():
     assert archive.config_differences(made, {**wanted, "sft": {"steps": 1600}}) == []
 
 
+def test_a_field_added_with_a_new_default_compares_as_the_old_behaviour():
+    """Runs archived before model.mask_unused_vocab existed ran without the mask: reused
+    only when the mask is asked off (the drivers' --set model.mask_unused_vocab=False)."""
+    made = {"sft": {"steps": 2400}, "model": {"hidden_size": 64}}
+    on = {"sft": {"steps": 2400}, "model": {"hidden_size": 64, "mask_unused_vocab": True}}
+    off = {"sft": {"steps": 2400}, "model": {"hidden_size": 64, "mask_unused_vocab": False}}
+    assert archive.config_differences(made, on) == [
+        "model.mask_unused_vocab: archived False, asked for True"
+    ]
+    assert archive.config_differences(made, off) == []
+    assert archive.config_differences(on, on) == []
+
+
+def test_the_drivers_set_flag_reaches_every_run(monkeypatch):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    reproduce.add_set_flag(parser)
+    args = parser.parse_args(["--set", "model.mask_unused_vocab=False"])
+    monkeypatch.setattr(reproduce, "COMMON_FLAGS", [])
+    reproduce.set_common_flags(parser, args.set)
+    assert "--config.model.mask_unused_vocab=False" in reproduce._cmd("c.py", "long", "w", 0)
+    _, cmd = reproduce.method_cmd("out", "ppo", 0, "long", ())
+    assert "--config.model.mask_unused_vocab=False" in cmd
+    with pytest.raises(SystemExit):
+        reproduce.set_common_flags(parser, ["model.mask_unused_vocab"])
+
+
 def test_an_archived_run_made_under_another_config_is_refused(tmp_path):
     """The driver asks the project for the config its command would run and restores an
     archived run only if that run was made under it; otherwise nothing is copied and the error

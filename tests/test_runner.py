@@ -604,6 +604,8 @@ def test_forced_routes_are_written_for_the_model_and_checked(tmp_path):
     assert exp.model_config.vocab_size >= exp.tokenizer.vocab_size
     for sp in (exp.sampling_params, exp.greedy_params):
         assert sp.vocab_limit == exp.tokenizer.vocab_size
+        # ... and the trainer's softmax leaves them out too (model.mask_unused_vocab).
+        assert exp.model_config.vocab_limit == exp.tokenizer.vocab_size
     problems = exp.source.eval_problems(6)
     direct, written = evaluation.route_prefixes(exp.tokenizer, problems)
     tok = exp.tokenizer

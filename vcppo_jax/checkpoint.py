@@ -51,6 +51,7 @@ SFT_KEYS = (
     "data.direct_fraction",
     "actor.grad_clip",
     "model.dtype",
+    "model.mask_unused_vocab",
 )
 
 
@@ -142,6 +143,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "model.value_inputs": "hidden",
     "reward.correct": 1.0,
     "reward.incorrect": -1.0,
+    "model.mask_unused_vocab": False,
 }
 
 

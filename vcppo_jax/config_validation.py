@@ -300,6 +300,7 @@ def validate_model(check: Checker) -> None:
     ``hidden_size``), rope theta, dtypes and rematerialisation."""
     for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
         check(f"model.{field}", positive_int, "an integer >= 1")
+    check("model.mask_unused_vocab", lambda x: isinstance(x, bool), "True or False")
     heads, kv = check.get("model.num_heads"), check.get("model.num_kv_heads")
     if positive_int(heads) and positive_int(kv) and heads % kv:
         check.problem(f"model.num_kv_heads={kv}: must divide model.num_heads={heads}")

@@ -299,6 +299,7 @@ class Experiment:
                 value_inputs=m.get("value_inputs", "hidden"),
             )
             check_vocab(self.tokenizer, self._hf_config)
+            self._hf_config = self._hf_config.replace(vocab_limit=self._vocab_limit())
             return self._hf_config
         return ModelConfig.from_fields(
             m,
@@ -307,7 +308,13 @@ class Experiment:
             bos_token_id=self.tokenizer.bos_id,
             eos_token_id=self.tokenizer.eos_id,
             pad_token_id=self.tokenizer.pad_id,
+            vocab_limit=self._vocab_limit(),
         )
+
+    def _vocab_limit(self) -> int:
+        """``ModelConfig.vocab_limit``: the tokenizer's size with ``model.mask_unused_vocab``
+        (the ids past it get no probability in training either), else 0 (the whole table)."""
+        return self.tokenizer.vocab_size if self.config.model.get("mask_unused_vocab") else 0
 
     def _init_states(self):
         c = self.config

@@ -97,6 +97,7 @@ def load(path: str, model_config: ModelConfig):
         dtype=model_config.dtype,
         remat=model_config.remat,
         value_inputs=model_config.value_inputs,  # A value model's setting; no policy weight.
+        vocab_limit=model_config.vocab_limit,  # The run's setting; the export holds none.
     )
     if dataclasses.replace(saved, max_position_embeddings=0) != dataclasses.replace(
         model_config, max_position_embeddings=0

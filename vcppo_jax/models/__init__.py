@@ -85,7 +85,8 @@ def token_logprobs(
     ``t >= 1`` and ``logp[:, 0] = 0``; with ``with_entropy``, also the entropy of the
     next-token distribution at each of those positions. Logits are divided by
     ``temperature`` (as the sampler does) and formed ``chunk_size`` positions at a time
-    (default: as many as keep one chunk's float32 logits under ``LOGITS_CHUNK_BYTES``).
+    (default: as many as keep one chunk's float32 logits under ``LOGITS_CHUNK_BYTES``). The
+    softmax runs over the ids below ``config.vocab_limit`` when it is set.
     """
     model = _model(config, "lm")
     hidden, _ = model.apply({"params": params}, tokens)  # [B, T, E]
@@ -95,7 +96,13 @@ def token_logprobs(
     temperature = jnp.asarray(temperature, jnp.float32)
     kernel = model.apply({"params": params}, method=Transformer.lm_kernel)
     logp, ent = chunked_logprobs(
-        hidden[:, :-1], tokens[:, 1:], kernel, temperature, chunk_size, with_entropy
+        hidden[:, :-1],
+        tokens[:, 1:],
+        kernel,
+        temperature,
+        chunk_size,
+        with_entropy,
+        config.vocab_limit,
     )
     zero = jnp.zeros((tokens.shape[0], 1), jnp.float32)
     logp = jnp.concatenate([zero, logp], axis=1)

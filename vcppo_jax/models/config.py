@@ -50,6 +50,12 @@ class ModelConfig:
     # a learned weight times the model's own log-likelihood of the token just read, through
     # its LM head: a departure from the usual reward model, for verifying long answers).
     value_inputs: str = "hidden"
+    # Ids at or above this are never produced (0 = the whole table): their logits are left out
+    # of every softmax the model forms (training log-probs, entropy, the likelihood a value
+    # model reads, ``Transformer.logits``). A table is often larger than its tokenizer (rounded
+    # up to a multiple of 8 here, padded in HF checkpoints); the runner sets this to the
+    # tokenizer's size with ``model.mask_unused_vocab``, as the sampler masks those ids.
+    vocab_limit: int = 0
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -73,6 +79,11 @@ class ModelConfig:
 
         if self.attention not in IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}; expected one of {IMPLEMENTATIONS}")
+        if not 0 <= self.vocab_limit <= self.vocab_size:
+            raise ValueError(
+                f"vocab_limit={self.vocab_limit}: must lie in [0, vocab_size={self.vocab_size}] "
+                "(0 = the whole table)"
+            )
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat={self.remat!r}; expected 'none', 'full' or 'dots'")
 

@@ -21,11 +21,30 @@ def auto_chunk_size(batch: int, vocab: int, budget: int = LOGITS_CHUNK_BYTES) ->
     return max(16, 1 << (fit.bit_length() - 1))
 
 
-def chunked_logprobs(hidden, targets, kernel, temperature=1.0, chunk_size=None, with_entropy=False):
+def mask_unused(logits, vocab_limit: int):
+    """``logits [..., V]`` with the ids at or above ``vocab_limit`` at the float32 minimum, so
+    a softmax gives them no mass and no gradient (``vocab_limit`` 0 or >= V: unchanged)."""
+    if not 0 < vocab_limit < logits.shape[-1]:
+        return logits
+    ids = jnp.arange(logits.shape[-1])
+    return jnp.where(ids < vocab_limit, logits, jnp.finfo(jnp.float32).min)
+
+
+def chunked_logprobs(
+    hidden,
+    targets,
+    kernel,
+    temperature=1.0,
+    chunk_size=None,
+    with_entropy=False,
+    vocab_limit: int = 0,
+):
     """hidden [B, T, E], targets [B, T], kernel [E, V] -> (log p(targets) [B, T], entropy
     [B, T]) in float32, with logits ``hidden @ kernel / temperature``; entropy is zeros unless
-    ``with_entropy``. ``chunk_size`` positions at a time (default ``auto_chunk_size``); the
-    backward pass recomputes each chunk's logits instead of storing them."""
+    ``with_entropy``. With ``vocab_limit`` > 0 the softmax runs over the ids below it only
+    (``mask_unused``): a target at or above it gets log p = float32 min. ``chunk_size``
+    positions at a time (default ``auto_chunk_size``); the backward pass recomputes each
+    chunk's logits instead of storing them."""
     b, t, e = hidden.shape
     if chunk_size is None:
         chunk_size = auto_chunk_size(b, kernel.shape[-1])
@@ -45,7 +64,7 @@ def chunked_logprobs(hidden, targets, kernel, temperature=1.0, chunk_size=None, 
     @jax.checkpoint
     def one(h, tgt):
         logits = jnp.einsum("bce,ev->bcv", h, kernel, preferred_element_type=jnp.float32)
-        logits = logits / temperature
+        logits = mask_unused(logits / temperature, vocab_limit)
         logz = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
         logp = picked - logz

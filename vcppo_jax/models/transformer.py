@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from vcppo_jax.models import attention as attention_lib
 from vcppo_jax.models.config import ModelConfig
-from vcppo_jax.models.logprobs import chunked_logprobs
+from vcppo_jax.models.logprobs import chunked_logprobs, mask_unused
 
 Cache = dict[str, dict[str, jax.Array]]
 
@@ -323,7 +323,9 @@ class Transformer(nn.Module):
         (0 at slot 0) -> [B, T] float32: how surprising the token just read was, the extra
         input of a value model with ``value_inputs="hidden+likelihood"``. Logits are formed a
         chunk of positions at a time, as for the actor's log-probs."""
-        logp, _ = chunked_logprobs(hidden[:, :-1], tokens[:, 1:], self.lm_kernel())
+        logp, _ = chunked_logprobs(
+            hidden[:, :-1], tokens[:, 1:], self.lm_kernel(), vocab_limit=self.config.vocab_limit
+        )
         zero = jnp.zeros((tokens.shape[0], 1), jnp.float32)
         return jnp.concatenate([zero, logp], axis=1)
 
@@ -335,11 +337,13 @@ class Transformer(nn.Module):
         return self.lm_head
 
     def logits(self, hidden):
-        """[..., E] -> float32 logits [..., V]."""
+        """[..., E] -> float32 logits [..., V]; ids at or above ``config.vocab_limit`` (when
+        set) at the float32 minimum."""
         kernel = self.lm_kernel()
-        return jnp.einsum(
+        logits = jnp.einsum(
             "...e,ev->...v",
             hidden,
             kernel.astype(hidden.dtype),
             preferred_element_type=jnp.float32,
         )
+        return mask_unused(logits, self.config.vocab_limit)
