@@ -9,8 +9,8 @@ rollout batch; the activations kept for the backward pass with per-layer remat (
 ``[B, T, E]`` residual per layer plus one layer's working set); and one layer's attention
 working memory with the kernel ``model.attention`` stands for on ``--backend`` (xla: the
 float32 scores and the probabilities, ``[B, H, T, T]``; blockwise: one key block of them,
-``[B, H, T, 512]``, and the float32 accumulator; cudnn: the saved float32 log-sum-exp
-``[B, H, T]``, the kernel's tiles living on chip). The model shape is Qwen2.5-32B's (64
+``[B, H, T, 512]``, and the float32 accumulator; cudnn and splash: the saved float32
+log-sum-exp ``[B, H, T]``, the kernel's tiles living on chip). The model shape is Qwen2.5-32B's (64
 layers, hidden 5120, MLP 27648, 40 heads / 8 KV heads, vocabulary 152,064) when the config
 loads a checkpoint (``model.hf_path``: the pod variants), and the config's own ``model.*``
 shape otherwise (``small``, ``tiny``: the synthetic task, whose prompts are at most
@@ -74,7 +74,7 @@ def attention_bytes(kind: str, b: int, heads: int, t: int, head_size: int) -> in
     if kind == "blockwise":
         block = min(t, attention_lib.DEFAULT_BLOCK)
         return b * heads * t * (block * (4 + 2) + head_size * 4 + 8)
-    if kind == "cudnn":
+    if kind in ("cudnn", "splash"):  # Flash kernels: tiles on chip, the log-sum-exp saved.
         return b * heads * t * 4
     raise ValueError(f"no memory model for attention={kind!r}")
 
@@ -143,7 +143,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/vcppo.py:qwen2.5-32b")
     parser.add_argument("--devices", type=int, default=256)
-    parser.add_argument("--backend", default="gpu", help="what model.attention=auto resolves on")
+    parser.add_argument(
+        "--backend", default="gpu", help="what model.attention=auto resolves on (gpu, tpu, cpu)"
+    )
     parser.add_argument("--prompt_budget", type=int, default=None, help="prompt tokens counted")
     args = parser.parse_args()
     path, _, arg = args.config.partition(":")

@@ -1,5 +1,7 @@
 """Attention implementations: the reference against a NumPy loop, blockwise against the
-reference (outputs and gradients, float32 and bfloat16), and no T x T buffer in blockwise."""
+reference (outputs and gradients, float32 and bfloat16), and no T x T buffer in blockwise; the
+Pallas TPU splash kernel against the reference in TPU interpret mode (outputs and gradients, a
+length that is no multiple of its tile, bfloat16, sharded over 8 devices, in the model)."""
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +106,7 @@ def test_blockwise_holds_no_t_by_t_buffer_in_forward_and_backward():
 
 def test_resolve():
     assert attention.resolve("auto", "gpu") == "cudnn"
+    assert attention.resolve("auto", "tpu") == "splash"
     assert attention.resolve("auto", "cpu") == "blockwise"
     assert attention.resolve("xla") == "xla"
     with pytest.raises(ValueError, match="attention='flash'"):
@@ -125,3 +128,79 @@ def test_cudnn_matches_reference_on_a_gpu():
     )
     for a, b in zip(g_cudnn(q, k, v), g_ref(q, k, v), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=0.1)
+
+
+def _causal(b, kvh, g, t, d, dtype=jnp.float32, seed=0):
+    q, k, v, pos, _ = _inputs(b=b, kvh=kvh, g=g, t=t, s=t, d=d, seed=seed, dtype=dtype)
+    return q, k, v, pos
+
+
+@pytest.mark.parametrize("t,block", [(200, 128), (128, 128)])
+def test_splash_matches_reference_outputs_and_gradients(t, block):
+    """TPU interpret mode runs the kernel's own forward and backward Pallas programs on the CPU;
+    t = 200 is padded to 256 inside (the padded slots must not reach a real query)."""
+    q, k, v, pos = _causal(2, 2, 3, t, 16)
+    spl = lambda q, k, v: attention.splash(q, k, v, block=block, interpret=True)
+    ref = lambda q, k, v: attention.reference(q, k, v, pos, pos)
+    np.testing.assert_allclose(jax.jit(spl)(q, k, v), ref(q, k, v), atol=2e-5)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * w)
+    g_spl = jax.jit(jax.grad(loss(spl), argnums=(0, 1, 2)))(q, k, v)
+    g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_spl, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=5e-5)
+
+
+def test_splash_bfloat16():
+    q, k, v, pos = _causal(1, 2, 2, 128, 32, dtype=jnp.bfloat16)
+    got = attention.splash(q, k, v, interpret=True)
+    assert got.dtype == jnp.bfloat16
+    want = attention.reference(*(x.astype(jnp.float32) for x in (q, k, v)), pos, pos)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
+
+
+@pytest.mark.multidevice(8)
+def test_splash_runs_per_shard_under_a_mesh():
+    """Under ``jax.set_mesh`` the kernel runs once per shard (rows over data, key heads over
+    tensor), with no gather of the sharded operands, and gives the unsharded numbers."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    q, k, v, pos = _causal(2, 4, 2, 64, 16)
+    on = NamedSharding(mesh, P("data", "tensor"))
+    qs, ks, vs = (jax.device_put(x, on) for x in (q, k, v))
+    f = jax.jit(lambda *a: attention.splash(*a, interpret=True))
+    with jax.set_mesh(mesh):
+        hlo = f.lower(qs, ks, vs).compile().as_text()
+        got = f(qs, ks, vs)
+    assert "all-gather" not in hlo and "all-to-all" not in hlo
+    assert got.sharding.spec[:2] == ("data", "tensor")
+    np.testing.assert_allclose(got, attention.reference(q, k, v, pos, pos), atol=2e-5)
+
+
+def test_splash_block_must_fill_the_lanes():
+    q, k, v, _ = _causal(1, 1, 1, 64, 8)
+    with pytest.raises(ValueError, match="block=64: the splash kernel's tile must be a multiple"):
+        attention.splash(q, k, v, block=64, interpret=True)
+
+
+def test_model_with_splash_attention(monkeypatch):
+    """The model's training pass through splash (TPU interpret mode) gives the logits of the
+    materialised reference; off a TPU without interpret mode, a clear error names the cure."""
+    import dataclasses
+
+    from vcppo_jax import models
+
+    config = models.ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, attention="xla",
+    )  # fmt: skip
+    params = models.init_params(config, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 40)), jnp.int32)
+    want = models.forward(config, params, tokens)
+    splash_config = dataclasses.replace(config, attention="splash")
+    with pytest.raises(ValueError, match="Pallas TPU kernel.*VCPPO_PALLAS_INTERPRET=1"):
+        models.forward(splash_config, params, tokens)
+    monkeypatch.setenv(attention.INTERPRET_ENV, "1")
+    np.testing.assert_allclose(models.forward(splash_config, params, tokens), want, atol=1e-4)

@@ -19,8 +19,12 @@ def test_attention_working_memory_by_kernel():
     c = vcppo.get_config("qwen2.5-32b")
     gpu = memory_plan.plan(c, devices=256, backend="gpu")
     cpu = memory_plan.plan(c, devices=256, backend="cpu")
+    tpu = memory_plan.plan(c, devices=256, backend="tpu")
     key = lambda r, kind: next(k for k in r if k.startswith(f"attention working memory ({kind}"))
-    assert key(gpu, "cudnn") and key(cpu, "blockwise")
+    assert key(gpu, "cudnn") and key(cpu, "blockwise") and key(tpu, "splash")
+    # Flash kernels keep the float32 log-sum-exp per head and token.
+    assert tpu[key(tpu, "splash")] == gpu[key(gpu, "cudnn")]
+    assert memory_plan.attention_bytes("splash", 2, 10, 9216, 128) == 2 * 10 * 9216 * 4
     c.unlock()
     c.model.attention = "xla"
     xla = memory_plan.plan(c, devices=256)

@@ -77,18 +77,21 @@ _OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM
 
 def user_error(e: BaseException) -> str | None:
     """The one-line message for an error a user can act on (a locked, unwritable or misnamed
-    workdir, a bad data file, a damaged or mismatched checkpoint, a failed save, a full disk),
-    or None for anything else (a bug: its traceback is shown)."""
+    workdir, an attention kernel this backend lacks, a bad data file, a damaged or mismatched
+    checkpoint, a failed save, a full disk), or None for anything else (a bug: its traceback
+    is shown)."""
     from vcppo_jax.checkpoint import (
         CheckpointDamagedError,
         CheckpointMismatchError,
         CheckpointSaveError,
     )
     from vcppo_jax.data.math_prompts import DataError
+    from vcppo_jax.models.attention import BackendError
     from vcppo_jax.workdir import WorkdirError
 
     known = (
         WorkdirError,
+        BackendError,
         DataError,
         CheckpointDamagedError,
         CheckpointMismatchError,

@@ -90,6 +90,8 @@ class Experiment:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.workdir = workdir
+        if attention_lib.resolve(config.model.attention) == "splash":
+            attention_lib.splash_interpret()  # Off a TPU: a clear error now, not mid-trace.
         self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
         self.rules = tuple(tuple(r) for r in config.mesh.rules)
         self._batch_shards = int(
@@ -644,7 +646,13 @@ class Experiment:
 
     def run(self) -> None:
         """Runs the stages from where the workdir's checkpoint left off, checkpointing as it
-        goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps."""
+        goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps. Steps are
+        traced under the run's mesh (``jax.set_mesh``), so kernels that must run per shard
+        (the Pallas splash attention) see it."""
+        with jax.set_mesh(self.mesh):
+            self._run()
+
+    def _run(self) -> None:
         c = self.config
         stage_index, stage_step = self.restore()
         self._check_rm_init(stage_index)

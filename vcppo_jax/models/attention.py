@@ -14,6 +14,13 @@ needs no mask of its own (padded slots lie after every real token of their row).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
   kernel on NVIDIA GPUs; only for queries and keys at the same positions (training, the
   prompt pass), where the position mask is the causal one.
+- ``splash``: the Pallas splash-attention kernel for TPUs (``jax.experimental.pallas.ops.tpu.
+  splash_attention``, its multi-query form once per batch row and key head, causal over slots,
+  flash-style forward and backward); like ``cudnn``, only where slot = position. Off a TPU it
+  runs only in TPU interpret mode (``interpret=True``, or ``VCPPO_PALLAS_INTERPRET=1`` for the
+  model's calls): a simulation for tests, correct and slow. Under ``jax.set_mesh`` it runs per
+  shard (``shard_map``) in the default layout (``sharding.DEFAULT_RULES``): batch rows over
+  the ``data`` and ``fsdp`` axes, key heads over ``tensor``, each where it divides them.
 
 ``IMPLEMENTATIONS`` names the choices of ``ModelConfig.attention``; ``resolve`` turns ``auto``
 into the best available on the current backend.
@@ -23,23 +30,34 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 DEFAULT_BLOCK = 512
+SPLASH_BLOCK = 128  # Query and key tile of the splash kernel (TPU lanes are 128 wide).
 _FAR = jnp.iinfo(jnp.int32).max  # Position of padding keys: visible to no query.
+# Run the Pallas TPU kernels in TPU interpret mode when the backend is not a TPU (tests).
+INTERPRET_ENV = "VCPPO_PALLAS_INTERPRET"
+# Mesh axes the splash kernel's shards follow (sharding.DEFAULT_RULES: batch, kv_heads).
+SPLASH_ROW_AXES, SPLASH_HEAD_AXES = ("data", "fsdp"), ("tensor",)
+
+
+class BackendError(ValueError):
+    """An attention kernel asked for on a backend that lacks it (e.g. splash off a TPU)."""
 
 
 def resolve(name: str, backend: str | None = None) -> str:
     """The implementation ``name`` stands for on ``backend`` (default: JAX's): ``auto`` is
-    ``cudnn`` on GPUs and ``blockwise`` elsewhere; other names stand for themselves."""
+    ``cudnn`` on GPUs, ``splash`` on TPUs and ``blockwise`` elsewhere; other names stand for
+    themselves."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention={name!r}; expected one of {IMPLEMENTATIONS}")
     if name != "auto":
         return name
-    return "cudnn" if (backend or jax.default_backend()) == "gpu" else "blockwise"
+    return {"gpu": "cudnn", "tpu": "splash"}.get(backend or jax.default_backend(), "blockwise")
 
 
 def _mask(q_pos, k_pos):
@@ -160,3 +178,79 @@ def cudnn(q, k, v):
     kh, vh = jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)  # [B, S, Hkv, D]
     out = jax.nn.dot_product_attention(qh, kh, vh, is_causal=True, implementation="cudnn")
     return jnp.moveaxis(out, 1, 2).reshape(b, kvh, g, t, d)
+
+
+def splash_interpret() -> bool:
+    """Whether the model's splash calls run in TPU interpret mode: on a TPU never; elsewhere
+    only when ``VCPPO_PALLAS_INTERPRET=1`` (otherwise a clear error: the kernel is TPU-only)."""
+    if jax.default_backend() == "tpu":
+        return False
+    if os.environ.get(INTERPRET_ENV) == "1":
+        return True
+    raise BackendError(
+        f"model.attention='splash' is the Pallas TPU kernel and this backend is "
+        f"{jax.default_backend()}: use auto, blockwise or cudnn (or set {INTERPRET_ENV}=1 to "
+        f"simulate the TPU kernel, slowly, in tests)"
+    )
+
+
+def splash(q, k, v, *, block: int = SPLASH_BLOCK, interpret: bool = False):
+    """The Pallas splash-attention kernel, causal over slots (queries and keys at the same
+    positions), on ``q [B, Hkv, G, T, D]``, ``k``, ``v [B, Hkv, T, D]``. The length is padded
+    up to a multiple of ``block`` at the end, where a causal mask hides it from every real
+    query. Under ``jax.set_mesh`` the kernel runs once per shard (see the module doc)."""
+    if block <= 0 or block % 128:
+        raise ValueError(f"block={block}: the splash kernel's tile must be a multiple of 128")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _splash_local(q, k, v, block, interpret)
+    from jax.sharding import PartitionSpec as P
+
+    def split(dim, names):  # The named mesh axes, in order, while they divide ``dim``.
+        axes, n = [], 1
+        for name in names:
+            size = mesh.shape.get(name, 1)
+            if size > 1 and dim % (n * size) == 0:
+                axes.append(name)
+                n *= size
+        return tuple(axes) or None
+
+    spec = P(split(q.shape[0], SPLASH_ROW_AXES), split(q.shape[1], SPLASH_HEAD_AXES))
+    local = functools.partial(_splash_local, block=block, interpret=interpret)
+    # A mesh axis that splits neither leaves the kernel's work repeated on its devices.
+    return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+        q, k, v
+    )
+
+
+def _splash_local(q, k, v, block, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, kvh, g, t, d = q.shape
+    pad = -t % block
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
+    n = t + pad
+    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
+    blocks = sa.BlockSizes(
+        **sizes, block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block,
+    )  # fmt: skip
+    mask = sa.MultiHeadMask([sa.CausalMask((n, n))] * g)
+    kernel = sa.make_splash_mqa(
+        mask,
+        block_sizes=blocks,
+        head_shards=1,
+        q_seq_shards=1,
+        # TPU interpret mode for the forward and backward kernels alike.
+        interpret=pltpu.InterpretParams() if interpret else False,
+    )
+    scaled = (q * (1.0 / math.sqrt(d))).astype(q.dtype)  # The kernel does not scale.
+    flat = lambda x: x.reshape((b * kvh,) + x.shape[2:])
+
+    # One kernel per (row, key head) over its G query heads (multi-query form); a loop rather
+    # than vmap, whose batched grid TPU interpret mode cannot run.
+    out = jax.lax.map(lambda a: kernel(*a), (flat(scaled), flat(k), flat(v)))
+    return out.reshape(b, kvh, g, n, d)[:, :, :, :t].astype(q.dtype)

@@ -42,8 +42,9 @@ class ModelConfig:
     dtype: str = "float32"  # Compute dtype of activations; logits are always float32.
     remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmuls).
     # Attention of training and prompt passes (models/attention.py): "xla" (scores
-    # materialised), "blockwise" (memory linear in length), "cudnn" (GPU flash kernel) or
-    # "auto" (cudnn on a GPU, else blockwise).
+    # materialised), "blockwise" (memory linear in length), "cudnn" (GPU flash kernel),
+    # "splash" (Pallas TPU flash kernel) or "auto" (cudnn on a GPU, splash on a TPU, else
+    # blockwise).
     attention: str = "xla"
     # What a value model's head reads (reward model and critic): "hidden" (the last hidden
     # state, a linear head: the usual value / reward head) or "hidden+likelihood" (that plus

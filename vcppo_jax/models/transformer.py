@@ -151,6 +151,8 @@ class Attention(nn.Module):
                 kh, vh = jnp.moveaxis(kh, 1, 2), jnp.moveaxis(vh, 1, 2)  # [B, Hkv, S, D]
             if kind == "cudnn" and cache is None:  # Slot = position: the mask is causal.
                 out = attention_lib.cudnn(qh, kh, vh)
+            elif kind == "splash" and cache is None:
+                out = attention_lib.splash(qh, kh, vh, interpret=attention_lib.splash_interpret())
             else:
                 k_pos = jnp.broadcast_to(key_pos, (x.shape[0], kh.shape[2]))
                 out = attention_lib.blockwise(qh, kh, vh, positions, k_pos)
