@@ -115,6 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
     # "same_problem": each training problem answered right and wrong on one route, so the two
     # answers differ only from the slip on; "independent": every response its own problem.
     c.reward_model.pairs = "independent"
+    # Share of the reward model's training pairs on the direct (short) route; None = as the
+    # SFT demonstrations (data.direct_fraction). The held-out report covers both routes
+    # whatever it is (1.0 probes whether a reward model can verify bare answers at all).
+    c.reward_model.direct_fraction = config_dict.placeholder(float)
     # "last_token": the score at EOS regressed on the +1 / -1 outcome (as reward models are
     # usually trained); "every_token": every response token's score regressed on it (a
     # token-level verifier objective); "process": every token's score regressed on whether the

@@ -321,6 +321,28 @@ def test_reward_model_training_pairs(pairs):
         assert not any(same)
 
 
+def test_reward_model_direct_fraction():
+    """reward_model.direct_fraction sets the reward model's share of direct pairs (1.0: only
+    bare answers), None follows data.direct_fraction; a value outside [0, 1] is refused."""
+    from configs import ppo
+    from vcppo_jax.config_validation import ConfigError, validate_config
+    from vcppo_jax.stages import reward_model as rm
+
+    c = ppo.get_config("smoke")
+    assert c.reward_model.direct_fraction is None
+    assert rm.direct_fraction(c) == c.data.direct_fraction
+    c.reward_model.direct_fraction = 1.0
+    validate_config(c)
+    assert rm.direct_fraction(c) == 1.0
+    task = AdditionTask(6, 1, labels=True, carry_every=1)
+    settings = rm.Settings(20, rm.direct_fraction(c), 1.0, -1.0)
+    _, responses, _ = rm.balanced_pairs(task, settings, np.random.default_rng(0))
+    assert all(rollout.is_direct(r) for r in responses)
+    c.reward_model.direct_fraction = 1.5
+    with pytest.raises(ConfigError, match="reward_model.direct_fraction"):
+        validate_config(c)
+
+
 def test_process_targets_turn_wrong_at_the_slip(tmp_path):
     """reward_model.loss_on='process': a right response is right at every token; a wrong one
     is right up to the token where it leaves its problem's right answer on its route (the

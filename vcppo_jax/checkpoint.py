@@ -72,6 +72,7 @@ RM_KEYS = (
     "reward_model.eval_problems",
     "reward_model.min_terms",
     "reward_model.pairs",
+    "reward_model.direct_fraction",
     "reward_model.loss_on",
     "reward_model.score",
     "reward_model.init",
@@ -144,6 +145,7 @@ ADDED_FIELDS: dict[str, Any] = {
     "reward.correct": 1.0,
     "reward.incorrect": -1.0,
     "model.mask_unused_vocab": False,
+    "reward_model.direct_fraction": None,
 }
 
 

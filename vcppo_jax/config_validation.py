@@ -278,6 +278,11 @@ def validate_supervised(check: Checker) -> None:
     check("reward_model.eval_problems", positive_int, "an integer >= 1")
     check("reward_model.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
     pairs = check("reward_model.pairs", *one_of(PAIRS))
+    check(
+        "reward_model.direct_fraction",
+        lambda x: x is None or unit(x),
+        "a number in [0, 1], or None (as data.direct_fraction)",
+    )
     check("reward_model.loss_on", *one_of(LOSS_ON))
     check("reward_model.score", *one_of(SCORES))
     rm_batch = check.get("reward_model.batch_size")

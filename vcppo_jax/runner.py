@@ -141,7 +141,7 @@ class Experiment:
         )
         self.rm_settings = reward_model_stage.Settings(
             c.reward_model.batch_size,
-            c.data.direct_fraction,
+            reward_model_stage.direct_fraction(c),
             c.reward.correct,
             c.reward.incorrect,
             c.reward_model.eval_problems,
