@@ -1,29 +1,56 @@
 #!/usr/bin/env bash
-# The accelerator checks, as one prepared run (e.g. one call of a lent GPU machine): each step
-# writes under $OUT as it goes, so what finished survives a time limit.
+# The accelerator checks, as prepared runs of the device tool (one GPU, at most 10 minutes a
+# call and 15 minutes of device time a session, starts included): each part fits one call with
+# room to spare, and each step writes under $OUT as it goes, so what finished survives a limit.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh kernels   # default; ~9 min at most
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh suite     # needs the wheels (.whl, carried)
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh small     # needs the wheels (.whl, carried)
 #
-# 1. the attention tests on the GPU (cuDNN against the reference, blockwise on the GPU);
-# 2. benchmarks/train.py: Qwen2.5-0.5B shape at [8, 2048], [2, 8192], [1, 32768] and the
-#    1.5B shape at [2, 8192], bf16, remat full, `auto` attention (cuDNN) beside `xla`;
-# 3. benchmarks/sampling.py: the Qwen2.5-0.5B shape in bf16, greedy, batch 64, prompt 128, 512
-#    new tokens, beside transformers with its dynamic and its static KV cache, and the share of
-#    the memory-bandwidth floor reached;
-# 4. the test suite on the GPU (backend-specific tests skip with a reason).
+# kernels: the attention tests on the GPU (cuDNN against the reference, blockwise there too);
+#   benchmarks/train.py at the Qwen2.5-0.5B shape ([8, 2048], [2, 8192], [1, 32768]) beside
+#   `xla`, and the 1.5B shape at [2, 8192], bf16, remat full, `auto` attention (cuDNN);
+#   benchmarks/sampling.py at the 0.5B shape in bf16 (greedy, batch 64, prompt 128, 512 new
+#   tokens) beside transformers with its dynamic and its static KV cache. Needs nothing beyond
+#   the machine's own packages (jax, flax, optax, orbax, transformers, torch).
+# suite: the whole test suite on the GPU (backend-specific tests skip with a reason).
+# small: `configs/vcppo.py:small` end to end (SFT, reward model, value pretraining, PPO).
+# The suite and the runner need packages the machine lacks: `bash benchmarks/gpu_wheels.sh`
+# here first, then carry `.whl` (this script installs it when present).
 set -u
+PART=${1:-kernels}
 OUT=${OUT:?set OUT to a folder for the results}
 mkdir -p "$OUT"
-PY=${PY:-python}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
 (nvidia-smi; $PY -c "import jax; print(jax.__version__, jax.devices())") > "$OUT/device.txt" 2>&1
-JAX_PLATFORMS=cuda timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py \
-  > "$OUT/test_attention.txt" 2>&1
-timeout 300 $PY -m benchmarks.train --model qwen2.5-0.5b --shapes 8x2048,2x8192,1x32768 \
-  --out "$OUT/train_gpu_qwen2.5-0.5b.json" > "$OUT/train_0.5b.log" 2>&1
-timeout 180 $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
-  --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
-timeout 240 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
-  --prompt 128 --new 512 --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" > "$OUT/sampling.log" 2>&1
-JAX_PLATFORMS=cuda timeout 240 $PY -m pytest -q -rs -p no:cacheprovider tests \
-  > "$OUT/suite.txt" 2>&1
-echo done > "$OUT/DONE"
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl > "$OUT/wheels.txt" 2>&1 && export PYTHONPATH=/tmp/site:$PWD
+fi
+case "$PART" in
+  kernels)
+    JAX_PLATFORMS=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py \
+      > "$OUT/test_attention.txt" 2>&1
+    timeout 200 $PY -m benchmarks.train --model qwen2.5-0.5b --shapes 8x2048,2x8192,1x32768 \
+      --out "$OUT/train_gpu_qwen2.5-0.5b.json" > "$OUT/train_0.5b.log" 2>&1
+    timeout 120 $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
+      --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
+    timeout 120 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
+      --prompt 128 --new 512 --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" > "$OUT/sampling.log" 2>&1
+    ;;
+  suite)
+    JAX_PLATFORMS=cuda timeout 540 $PY -m pytest -q -rs -p no:cacheprovider -n 4 tests \
+      > "$OUT/suite.txt" 2>&1
+    ;;
+  small)
+    timeout 540 $PY -m vcppo_jax.main --config=configs/vcppo.py:small --workdir=/tmp/small \
+      > "$OUT/small.log" 2>&1
+    cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
+    ;;
+  *)
+    echo "unknown part $PART: kernels, suite or small" >&2
+    exit 2
+    ;;
+esac
+echo "$PART done" > "$OUT/DONE"
