@@ -41,8 +41,6 @@ SPLASH_BLOCK = 128  # Query and key tile of the splash kernel (TPU lanes are 128
 _FAR = jnp.iinfo(jnp.int32).max  # Position of padding keys: visible to no query.
 # Run the Pallas TPU kernels in TPU interpret mode when the backend is not a TPU (tests).
 INTERPRET_ENV = "VCPPO_PALLAS_INTERPRET"
-# Mesh axes the splash kernel's shards follow (sharding.DEFAULT_RULES: batch, kv_heads).
-SPLASH_ROW_AXES, SPLASH_HEAD_AXES = ("data", "fsdp"), ("tensor",)
 
 
 class BackendError(ValueError):
@@ -206,6 +204,13 @@ def splash(q, k, v, *, block: int = SPLASH_BLOCK, interpret: bool = False):
         return _splash_local(q, k, v, block, interpret)
     from jax.sharding import PartitionSpec as P
 
+    from vcppo_jax import sharding
+
+    # The default layout's mesh axes of batch rows and of key heads.
+    row_axes = sharding.batch_axes(sharding.DEFAULT_RULES)
+    kv = dict(sharding.DEFAULT_RULES)["kv_heads"]
+    head_axes = (kv,) if isinstance(kv, str) else tuple(kv or ())
+
     def split(dim, names):  # The named mesh axes, in order, while they divide ``dim``.
         axes, n = [], 1
         for name in names:
@@ -215,7 +220,7 @@ def splash(q, k, v, *, block: int = SPLASH_BLOCK, interpret: bool = False):
                 n *= size
         return tuple(axes) or None
 
-    spec = P(split(q.shape[0], SPLASH_ROW_AXES), split(q.shape[1], SPLASH_HEAD_AXES))
+    spec = P(split(q.shape[0], row_axes), split(q.shape[1], head_axes))
     local = functools.partial(_splash_local, block=block, interpret=interpret)
     # A mesh axis that splits neither leaves the kernel's work repeated on its devices.
     return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
@@ -233,11 +238,15 @@ def _splash_local(q, k, v, block, interpret):
         q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
         k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0))) for x in (k, v))
     n = t + pad
-    sizes = dict(block_q=block, block_kv=block, block_kv_compute=block)
+    # One square tile everywhere: forward, and both backward kernels (dq, dk / dv).
     blocks = sa.BlockSizes(
-        **sizes, block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-        block_q_dq=block, block_kv_dq=block,
-    )  # fmt: skip
+        block_q=block,
+        block_kv=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = sa.MultiHeadMask([sa.CausalMask((n, n))] * g)
     kernel = sa.make_splash_mqa(
         mask,

@@ -27,7 +27,7 @@ from vcppo_jax.train_state import TrainState
 def direct_fraction(config) -> float:
     """The share of training pairs on the direct route: ``reward_model.direct_fraction``, or
     the SFT demonstrations' ``data.direct_fraction`` where it is None."""
-    share = config.reward_model.get("direct_fraction")
+    share = config.reward_model.direct_fraction
     return float(config.data.direct_fraction if share is None else share)
 
 
