@@ -1,6 +1,7 @@
 """Test set-up: simulated CPU devices (8 unless ``VCPPO_TEST_CPU_DEVICES`` says otherwise), the
 ``slow`` marker, and ``multidevice(n)``: a test that needs ``n`` devices is skipped, with the
-reason, where the backend has fewer (one GPU, or a CPU run with fewer simulated devices)."""
+reason, where the backend has fewer (one GPU, or a CPU run with fewer simulated devices); a
+compilation cache shared by the suite's processes."""
 
 import os
 
@@ -11,6 +12,24 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={CPU_DEVICES}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the suite's processes (the xdist workers and every run
+# the runner tests start as a subprocess): the same smoke-sized programs are compiled once,
+# not once per run, which is most of a smoke run's time. A cached program is the same program
+# (a run's metrics are bit for bit those of a run that compiled afresh). Entries are keyed by
+# the program, the compile options and the JAX version, so a stale one is never read. The
+# size cap turns on JAX's file lock, so concurrent writers do not tear entries.
+# VCPPO_TEST_COMPILATION_CACHE=0 compiles everything afresh; =DIR puts the cache there.
+_cache = os.environ.get("VCPPO_TEST_COMPILATION_CACHE", "1")
+if _cache != "0":
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR",
+        os.path.join(_root, ".pytest_cache", "jax_compilation") if _cache == "1" else _cache,
+    )
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
 
