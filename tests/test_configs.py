@@ -162,3 +162,20 @@ def test_unknown_override_is_one_line_naming_the_closest_fields():
         "error: --config.ppo.epoch: no such config field; closest: ppo.epochs, ppo.eps_low, "
         "ppo.steps"
     ]
+
+
+def test_small_trains_the_sft_recipe_its_committed_run_learned():
+    """`small`'s task, model and SFT settings are those of the CPU run that measured its SFT
+    policy at 46% greedy (docs/results/small_cpu/): a change to the recipe needs a new run."""
+    ran = json.load(open(os.path.join(ROOT, "docs/results/small_cpu/sft_small_1digit_config.json")))
+    c = vcppo.get_config("small").to_dict()
+    for section, fields in {
+        "data": ("task", "num_terms", "digits", "labels", "carry_every", "direct_fraction"),
+        "model": ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"),
+        "sft": ("steps", "batch_size", "learning_rate", "min_terms"),
+    }.items():
+        for f in fields:
+            assert c[section][f] == ran[section][f], f"{section}.{f}"
+    # The run differed only where the CPU needed it: float32 and materialised attention.
+    assert (ran["model"]["dtype"], ran["model"]["attention"]) == ("float32", "xla")
+    assert c["rollout"]["max_new_tokens"] == ran["rollout"]["max_new_tokens"] == 128

@@ -51,4 +51,4 @@ def test_small_variant_validates_and_fits_one_80gb_gpu():
     c.model.attention = "xla"
     xla = memory_plan.plan(c, devices=1)
     attn = next(v for k, v in xla.items() if k.startswith("attention working memory (xla, every"))
-    assert attn == 8 * memory_plan.attention_bytes("xla", 64, 8, 256 + 512, 64)
+    assert attn == 8 * memory_plan.attention_bytes("xla", 64, 8, 256 + 128, 64)
