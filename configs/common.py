@@ -333,8 +333,8 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
         "actor.learning_rate": 1e-4,
         "critic.learning_rate": 3e-4,
     },
-    # One GPU: the `tiny` task (5 single-digit terms, ~36-token answers) with a ~25M-parameter model
-    # (8 layers, width 512). With 2-digit terms (the base default) SFT learns nothing in a few
+    # One GPU: the `tiny` task (5 single-digit terms, ~36-token answers) with a ~25M-parameter
+    # model (8 layers, width 512). With 2-digit terms (the base default) SFT learns nothing in a few
     # hundred steps: 0% greedy after 300-400 steps at lr 1e-3 or 3e-3 (tiny model, CPU), and
     # the GPU run saw 0% after ~190 steps of this model. With 1-digit terms this
     # model's 300 SFT steps (float32, CPU) reached 46.1% greedy on 128 held-out prompts
