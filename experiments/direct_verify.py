@@ -31,6 +31,7 @@ import shlex
 import subprocess
 import sys
 
+from experiments import reproduce
 from vcppo_jax.metrics import read_metrics
 
 
@@ -53,7 +54,7 @@ def run_one(out: str, terms: int, steps: int, seed: int, min_terms: int, sets: l
         f"--config.reward_model.steps={steps}",
         f"--config.reward_model.eval_every={max(1, steps // 8)}",
         f"--config.reward_model.min_terms={min_terms}",
-        *(f"--config.{s}" for s in sets),
+        *reproduce.override_flags(sets),  # After the sweep's own flags, so they win.
     ]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -92,6 +93,11 @@ def run_one(out: str, terms: int, steps: int, seed: int, min_terms: int, sets: l
     }
 
 
+def lengths(r: dict) -> str:
+    """The chain lengths a run trained on: "14", or "2-14" for a curriculum."""
+    return f"{r['min_terms']}-{r['terms']}" if r["min_terms"] else str(r["terms"])
+
+
 def table(results: list[dict]) -> str:
     pct = lambda v: f"{100 * v:.1f}%"
     lines = [
@@ -100,9 +106,9 @@ def table(results: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
-        lengths = f"{r['min_terms']}-{r['terms']}" if r["min_terms"] else str(r["terms"])
         lines.append(
-            f"| {r['terms']} | {lengths} | {r['steps']} | {pct(r['train_accuracy_last_fifth'])} | "
+            f"| {r['terms']} | {lengths(r)} | {r['steps']} | "
+            f"{pct(r['train_accuracy_last_fifth'])} | "
             f"{pct(r['heldout_direct'])} / {pct(r['heldout_direct_pairs'])} | "
             f"{pct(r['heldout_direct_best'])} | "
             f"{'-' if r.get('policy_greedy_direct') is None else pct(r['policy_greedy_direct'])} |"
@@ -111,13 +117,12 @@ def table(results: list[dict]) -> str:
 
 
 def label(r: dict) -> str:
-    lengths = f"{r['min_terms']}-{r['terms']}" if r["min_terms"] else str(r["terms"])
-    return f"{lengths} terms, {r['steps']} steps"
+    return f"{lengths(r)} terms, {r['steps']} steps"
 
 
 def sets_of(summary: dict) -> list[str]:
-    """The ``--set`` overrides of a saved summary: recorded per result, or (summaries written
-    before they were) read back from its command line."""
+    """The ``--set`` overrides of a saved summary, read back from its command line (for
+    summaries written before each result recorded its own ``sets``)."""
     words = shlex.split(summary.get("command", ""))
     return [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--set"]
 
@@ -153,13 +158,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-terms", type=int, default=0)
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="a further config override for every run, e.g. model.num_layers=4",
-    )
+    reproduce.add_set_flag(parser)
     parser.add_argument(
         "--figure-from",
         nargs="+",
@@ -167,6 +166,10 @@ def main() -> None:
         help="draw OUT/direct_verify.png from these saved summaries and run nothing",
     )
     args = parser.parse_args()
+    try:
+        reproduce.override_flags(args.set)
+    except ValueError as e:
+        parser.error(str(e))
     if args.figure_from:
         results = []
         for path in args.figure_from:

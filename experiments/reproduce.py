@@ -176,15 +176,25 @@ def add_set_flag(parser) -> None:
     )
 
 
-def set_common_flags(parser, pairs: list[str]) -> None:
-    """``--set`` values -> ``COMMON_FLAGS``; a malformed one is a usage error naming it."""
+def override_flags(pairs: list[str]) -> list[str]:
+    """``--set`` values -> ``--config.KEY=VALUE`` flags; ValueError names a malformed one."""
     flags = []
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key or key.startswith("-") or " " in key:
-            parser.error(f"--set {pair!r}: expected KEY=VALUE, e.g. model.mask_unused_vocab=False")
+            raise ValueError(
+                f"--set {pair!r}: expected KEY=VALUE, e.g. model.mask_unused_vocab=False"
+            )
         flags.append(f"--config.{key}={value}")
-    COMMON_FLAGS[:] = flags
+    return flags
+
+
+def set_common_flags(parser, pairs: list[str]) -> None:
+    """``--set`` values -> ``COMMON_FLAGS``; a malformed one is a usage error naming it."""
+    try:
+        COMMON_FLAGS[:] = override_flags(pairs)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def _cmd(config: str, variant: str, wd: str, seed: int, *flags: str) -> list[str]:

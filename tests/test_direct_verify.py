@@ -178,3 +178,13 @@ def test_the_figure_groups_runs_by_their_overrides_old_summaries_included(tmp_pa
     assert "from a random backbone" in drawn[2][0]
     assert list(drawn[0][2]) == ["4 terms, 5 steps", "6 terms, 5 steps"]
     assert list(drawn[2][2]) == ["4 terms, 5 steps"]
+
+
+def test_a_malformed_set_is_a_usage_error_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        direct_verify.subprocess, "run", lambda *a, **k: pytest.fail("nothing should run")
+    )
+    monkeypatch.setattr(sys, "argv", ["direct_verify", "--out", str(tmp_path), "--set", "a.b"])
+    with pytest.raises(SystemExit):
+        direct_verify.main()
+    assert "--set 'a.b': expected KEY=VALUE" in capsys.readouterr().err
