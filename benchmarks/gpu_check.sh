@@ -6,6 +6,7 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh kernels   # default; ~9 min at most
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh suite     # needs the wheels (.whl, carried)
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh small     # needs the wheels (.whl, carried)
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh decode    # ~6 min at most
 #
 # kernels: the attention tests on the GPU (cuDNN against the reference, blockwise there too);
 #   benchmarks/train.py at the Qwen2.5-0.5B shape ([8, 2048], [2, 8192], [1, 32768]) beside
@@ -13,6 +14,10 @@
 #   benchmarks/sampling.py at the 0.5B shape in bf16 (greedy, batch 64, prompt 128, 512 new
 #   tokens) beside transformers with its dynamic and its static KV cache. Needs nothing beyond
 #   the machine's own packages (jax, flax, optax, orbax, transformers, torch).
+# decode: what a decode step's time goes to, at the same 0.5B shape: cuDNN's attention over the
+#   cache (the default on a GPU) against XLA's products, each with XLA's default command buffers
+#   (CUDA graphs of the loop body's kernels), with none, and with the whole loop captured; then
+#   a profile of a 64-token run (jax.profiler trace, kept under $OUT/trace).
 # suite: the whole test suite on the GPU (backend-specific tests skip with a reason).
 # small: `configs/vcppo.py:small` end to end (SFT, reward model, value pretraining, PPO).
 # The suite and the runner need packages the machine lacks: `bash benchmarks/gpu_wheels.sh`
@@ -39,6 +44,23 @@ case "$PART" in
     timeout 120 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
       --prompt 128 --new 512 --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" > "$OUT/sampling.log" 2>&1
     ;;
+  decode)
+    S="$PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 --prompt 128 \
+      --new 512 --peers= --repeats 2"
+    ALL=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+    for attn in cudnn xla; do
+      timeout 60 $S --attention $attn --out "$OUT/decode_${attn}_default.json" \
+        > "$OUT/decode_${attn}_default.log" 2>&1
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 60 $S --attention $attn \
+        --out "$OUT/decode_${attn}_no_graphs.json" > "$OUT/decode_${attn}_no_graphs.log" 2>&1
+      XLA_FLAGS="--xla_gpu_enable_command_buffer=$ALL --xla_gpu_graph_min_graph_size=1" \
+        timeout 60 $S --attention $attn --out "$OUT/decode_${attn}_loop_graph.json" \
+        > "$OUT/decode_${attn}_loop_graph.log" 2>&1
+    done
+    timeout 60 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
+      --prompt 128 --new 64 --peers= --repeats 1 --attention cudnn --profile "$OUT/trace" \
+      --out "$OUT/decode_profiled.json" > "$OUT/decode_profiled.log" 2>&1
+    ;;
   suite)
     JAX_PLATFORMS=cuda timeout 540 $PY -m pytest -q -rs -p no:cacheprovider -n 4 tests \
       > "$OUT/suite.txt" 2>&1
@@ -49,7 +71,7 @@ case "$PART" in
     cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
     ;;
   *)
-    echo "unknown part $PART: kernels, suite or small" >&2
+    echo "unknown part $PART: kernels, decode, suite or small" >&2
     exit 2
     ;;
 esac

@@ -30,6 +30,7 @@ Writes ``benchmarks/results/sampling_<backend>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -63,7 +64,7 @@ BANDWIDTH = {
 }
 
 
-def bench_config(model: str, dtype: str) -> ModelConfig:
+def bench_config(model: str, dtype: str, attention: str = "xla") -> ModelConfig:
     return ModelConfig(
         **MODELS[model],
         model_type="qwen2",
@@ -71,6 +72,7 @@ def bench_config(model: str, dtype: str) -> ModelConfig:
         max_position_embeddings=32768,
         dtype=dtype,
         param_dtype=dtype,
+        attention=attention,
     )
 
 
@@ -144,7 +146,7 @@ def torch_runner(path, prompts, new_tokens, dtype: str, cache: str):
 def logprob_memory(batch=8, length=4096, vocab=151936, hidden=896):
     """Peak memory of the log-prob head (final hidden states -> log p of the given tokens),
     the part that chunking changes; the backbone's own activations are the same either way."""
-    from vcppo_jax.models import _chunked_logprobs
+    from vcppo_jax.models import chunked_logprobs
 
     config = ModelConfig(
         vocab_size=vocab,
@@ -165,8 +167,9 @@ def logprob_memory(batch=8, length=4096, vocab=151936, hidden=896):
         logp = jax.nn.log_softmax(logits, axis=-1)
         return jnp.take_along_axis(logp, t[..., None], axis=-1)[..., 0]
 
-    def chunked(p, h, t):
-        return _chunked_logprobs(config, p, h, t, 1.0, chunk, False)[0]
+    def chunked(p, h, t):  # As ``models.token_logprobs`` forms them from the hidden states.
+        kernel = model.apply({"params": p}, method=models.Transformer.lm_kernel)
+        return chunked_logprobs(h, t, kernel, 1.0, chunk)[0]
 
     out = {"chunk_size": chunk}
     for name, fn in (("unchunked", unchunked), ("chunked", chunked)):
@@ -184,6 +187,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="bench100m", choices=list(MODELS))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "xla", "cudnn"),
+        help="attention of the prompt pass and the decode steps (auto: cudnn on a GPU, else xla)",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=256)
@@ -192,10 +201,16 @@ def main() -> None:
         "--peers", default="dynamic,static", help="transformers KV caches to run (comma list)"
     )
     parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument(
+        "--profile", default=None, help="folder for a jax.profiler trace of the last round"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    config = bench_config(args.model, args.dtype)
+    attention = {"auto": "cudnn" if jax.default_backend() == "gpu" else "xla"}.get(
+        args.attention, args.attention
+    )
+    config = bench_config(args.model, args.dtype, attention)
     # Initialised (and exported for the peers) in float32, then cast: the same weights in both.
     config32 = config.replace(dtype="float32", param_dtype="float32")
     params32 = models.init_params(config32, jax.random.key(0))
@@ -212,6 +227,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "model": args.model,
         "dtype": args.dtype,
+        "attention": attention,
         "params": n_params,
         "batch": args.batch,
         "prompt": args.prompt,
@@ -219,7 +235,7 @@ def main() -> None:
     }
     print(
         f"model: {n_params / 1e6:.1f}M parameters; batch {args.batch}, prompt {args.prompt}, "
-        f"{args.new} new tokens",
+        f"{args.new} new tokens; attention {attention}",
         flush=True,
     )
 
@@ -238,7 +254,9 @@ def main() -> None:
     tokens = {}
     for r in range(args.repeats):
         for name, run in runners.items():
-            t, tokens[name] = run(r)
+            traced = args.profile and name == "vcppo_jax" and r == args.repeats - 1
+            with jax.profiler.trace(args.profile) if traced else contextlib.nullcontext():
+                t, tokens[name] = run(r)
             times[name].append(t)
             print(
                 f"  round {r + 1}: {name:18s} {generated / t:7.1f} tokens/s ({t:.1f} s)", flush=True

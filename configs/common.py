@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"
     c.model.remat = "none"
-    # Attention of training and prompt passes (vcppo_jax/models/attention.py): "xla" (scores
+    # Attention of training, prompt and decode passes (vcppo_jax/models/attention.py): "xla" (scores
     # materialised: fastest at these CPU lengths, and the committed results' numerics),
     # "blockwise" (memory linear in length, any backend), "cudnn" (GPU flash kernel) or "auto"
     # (cudnn on a GPU, else blockwise; the choice is recorded in config.json's "resolved").

@@ -1,5 +1,6 @@
 """Attention implementations: the reference against a NumPy loop, blockwise against the
-reference (outputs and gradients, float32 and bfloat16), and no T x T buffer in blockwise; the
+reference (outputs and gradients, float32 and bfloat16), and no T x T buffer in blockwise; cuDNN
+over a KV cache (decode step, prompt pass) with its kernel emulated, and on a GPU for real; the
 Pallas TPU splash kernel against the reference in TPU interpret mode (outputs and gradients, a
 length that is no multiple of its tile, bfloat16, sharded over 8 devices, in the model)."""
 
@@ -128,6 +129,67 @@ def test_cudnn_matches_reference_on_a_gpu():
     )
     for a, b in zip(g_cudnn(q, k, v), g_ref(q, k, v), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=0.1)
+
+
+def emulated_cudnn_attention(
+    query, key, value, q_seqlen=None, kv_seqlen=None, *, scale, mask_type, qkv_layout
+):
+    """cuDNN's fused attention as its JAX wrapper documents it, in plain JAX, for the subset
+    ``cudnn_cached`` uses: BNTH layout, grouped key heads (query head n reads key head
+    n // (N / Nkv)), padding masks from the per-row lengths, causal from the top left."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    assert qkv_layout == "BNTH"
+    assert mask_type in (fa.MaskType.PADDING, fa.MaskType.PADDING_CAUSAL)
+    b, n, t, d = query.shape
+    group = n // key.shape[1]
+    k, v = (jnp.repeat(x, group, axis=1).astype(jnp.float32) for x in (key, value))
+    s = jnp.einsum("bntd,bnsd->bnts", query.astype(jnp.float32), k) * scale
+    ti, si = jnp.arange(t)[:, None], jnp.arange(k.shape[2])[None, :]
+    seen = (si[None] < kv_seqlen[:, None, None]) & (ti[None] < q_seqlen[:, None, None])
+    if mask_type == fa.MaskType.PADDING_CAUSAL:
+        seen = seen & (si <= ti)[None]
+    p = jax.nn.softmax(jnp.where(seen[:, None], s, -jnp.inf), axis=-1)
+    p = jnp.where(jnp.isnan(p), 0.0, p)
+    return jnp.einsum("bnts,bnsd->bntd", p, v).astype(query.dtype)
+
+
+def _cached_cases(dtype, d=8):
+    """(q, k, v cache, kv_len, causal, q_pos) for a decode step at ragged slots and for the
+    prompt pass from slot 0; cache slots past kv_len hold noise that must stay unseen."""
+    b, kvh, g, s = 3, 2, 3, 24
+    q1, k, v, _, k_pos = _inputs(b=b, kvh=kvh, g=g, t=1, s=s, d=d, dtype=dtype)
+    slots = jnp.asarray([0, 9, 23], jnp.int32)
+    yield q1, k, v, slots + 1, False, slots[:, None]
+    qp, _, _, q_pos, _ = _inputs(b=b, kvh=kvh, g=g, t=10, s=s, d=d, seed=1, dtype=dtype)
+    yield qp, k, v, jnp.full((b,), 10, jnp.int32), True, q_pos
+
+
+def test_cudnn_cached_wiring_against_the_reference_with_an_emulated_kernel(monkeypatch):
+    """Runs anywhere: the layouts, head grouping and lengths that ``cudnn_cached`` hands the
+    kernel, with the kernel emulated (``emulated_cudnn_attention``)."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    monkeypatch.setattr(fa, "dot_product_attention", emulated_cudnn_attention)
+    for q, k, v, kv_len, causal, q_pos in _cached_cases(jnp.float32):
+        got = attention.cudnn_cached(q, k, v, kv_len, causal=causal)
+        k_pos = jnp.broadcast_to(jnp.arange(k.shape[2]), (q.shape[0], k.shape[2]))
+        want = _numpy_attention(q, k, v, np.asarray(q_pos), np.asarray(k_pos))
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+    with pytest.raises(ValueError, match="one query per row"):
+        attention.cudnn_cached(q, k, v, kv_len, causal=False)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs an NVIDIA GPU")
+def test_cudnn_cached_matches_reference_on_a_gpu():
+    """The real kernel, decode step and prompt pass over a cache, bf16."""
+    for q, k, v, kv_len, causal, q_pos in _cached_cases(jnp.bfloat16, d=64):
+        got = attention.cudnn_cached(q, k, v, kv_len, causal=causal)
+        k_pos = jnp.broadcast_to(jnp.arange(k.shape[2]), (q.shape[0], k.shape[2]))
+        want = attention.reference(q, k, v, q_pos, k_pos)
+        np.testing.assert_allclose(
+            np.asarray(got, np.float32), np.asarray(want, np.float32), atol=3e-2
+        )
 
 
 def _causal(b, kvh, g, t, d, dtype=jnp.float32, seed=0):

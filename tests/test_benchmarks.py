@@ -40,3 +40,12 @@ def test_decode_floor_by_hand_and_the_qwen_shape():
     qwen = sampling.bench_config("qwen2.5-0.5b", "bfloat16")
     shapes = jax.eval_shape(lambda k: models.init_params(qwen, k), jax.random.key(0))
     assert sampling.count_params(shapes) == 494_032_768  # Qwen2.5-0.5B's published count.
+
+
+def test_the_log_prob_head_memory_report_runs_and_chunking_saves_memory():
+    from benchmarks import sampling
+
+    mem = sampling.logprob_memory(batch=4, length=2048, vocab=32768, hidden=16)  # 4 chunks.
+    assert mem["chunk_size"] >= 1
+    for mode in ("forward", "forward+backward"):
+        assert 0 < mem[f"chunked {mode}"] < mem[f"unchunked {mode}"], mem

@@ -27,6 +27,22 @@ def test_blockwise_prompt_pass_generates_as_transformers(model_pair):
     test_greedy_equals_transformers_generate(model_pair, attention="blockwise")
 
 
+def test_cudnn_prompt_pass_and_decode_generate_as_transformers(model_pair, monkeypatch):
+    """``attention="cudnn"`` reads the KV cache through cuDNN in the prompt pass and in every
+    decode step (``attention.cudnn_cached``); here with the kernel emulated in plain JAX
+    (``tests/test_attention.py``), so that the lengths and layouts the model hands it are
+    checked anywhere. The real kernel is tested on a GPU in ``tests/test_attention.py``."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    from tests.test_attention import emulated_cudnn_attention
+
+    monkeypatch.setattr(fa, "dot_product_attention", emulated_cudnn_attention)
+    try:
+        test_greedy_equals_transformers_generate(model_pair, attention="cudnn")
+    finally:
+        jax.clear_caches()  # No program traced with the emulation outlives the test.
+
+
 def ragged_prompts(seed, lengths, vocab=101):
     rng = np.random.default_rng(seed)
     prompts = np.zeros((len(lengths), max(lengths)), np.int32)

@@ -12,8 +12,11 @@ equal a re-scoring by the training forward.
 
 ``generate`` pads prompt lengths up to buckets so that repeated calls reuse compiled code.
 
-One path on every backend: XLA's products and attention, so a seed samples the same tokens
-whatever host the run is on (up to the backend's float summation order).
+XLA's products on every backend, and XLA's attention unless the model asks for cuDNN's
+(``ModelConfig.attention="cudnn"``, which ``auto`` means on a GPU): then the prompt pass and
+each decode step read the KV cache through cuDNN's fused kernel (``attention.cudnn_cached``).
+A seed samples the same tokens on any host with the same attention, up to the backend's float
+summation order.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ needs no mask of its own (padded slots lie after every real token of their row).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN's fused flash
   kernel on NVIDIA GPUs; only for queries and keys at the same positions (training, the
   prompt pass), where the position mask is the causal one.
+- ``cudnn_cached``: the same kernel over a KV cache in the cache's own layout ``[B, Hkv, S, D]``
+  (no transpose of the cache), each row seeing its first ``kv_len`` slots: one query per row
+  (a decode step) or the prompt pass from slot 0 (causal). Decoding through the XLA path takes
+  five kernels per layer for this (scores, max, sum, normalise, values); this is one.
 - ``splash``: the Pallas splash-attention kernel for TPUs (``jax.experimental.pallas.ops.tpu.
   splash_attention``, its multi-query form once per batch row and key head, causal over slots,
   flash-style forward and backward); like ``cudnn``, only where slot = position. Off a TPU it
@@ -176,6 +180,33 @@ def cudnn(q, k, v):
     kh, vh = jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)  # [B, S, Hkv, D]
     out = jax.nn.dot_product_attention(qh, kh, vh, is_causal=True, implementation="cudnn")
     return jnp.moveaxis(out, 1, 2).reshape(b, kvh, g, t, d)
+
+
+def cudnn_cached(q, k_cache, v_cache, kv_len, causal: bool):
+    """cuDNN's fused attention of ``q [B, Hkv, G, T, D]`` over the caches ``[B, Hkv, S, D]``,
+    where row b sees its first ``kv_len[b]`` slots (the slots after them are masked, whatever
+    they hold). ``causal=False``: one query per row, at slot ``kv_len - 1`` (a decode step);
+    ``causal=True``: the queries sit at slots 0..T-1 (the prompt pass), query t sees slots <= t.
+    Query head ``k * G + g`` reads key head ``k``, as in the model."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    b, kvh, g, t, d = q.shape
+    if not causal and t != 1:
+        raise ValueError(f"without causal masking one query per row is expected; got T={t}")
+    kv_len = kv_len.astype(jnp.int32)
+    q_len = jnp.full((b,), t, jnp.int32)
+    mask = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
+    out = fa.dot_product_attention(
+        q.reshape(b, kvh * g, t, d),
+        k_cache.astype(q.dtype),
+        v_cache.astype(q.dtype),
+        q_seqlen=q_len,
+        kv_seqlen=kv_len,
+        scale=1.0 / math.sqrt(d),
+        mask_type=mask,
+        qkv_layout="BNTH",
+    )
+    return out.reshape(b, kvh, g, t, d)
 
 
 def splash_interpret() -> bool:

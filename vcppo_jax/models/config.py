@@ -41,7 +41,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # Compute dtype of activations; logits are always float32.
     remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmuls).
-    # Attention of training and prompt passes (models/attention.py): "xla" (scores
+    # Attention of training, prompt and decode passes (models/attention.py): "xla" (scores
     # materialised), "blockwise" (memory linear in length), "cudnn" (GPU flash kernel),
     # "splash" (Pallas TPU flash kernel) or "auto" (cudnn on a GPU, splash on a TPU, else
     # blockwise).

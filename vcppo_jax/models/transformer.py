@@ -144,6 +144,19 @@ class Attention(nn.Module):
         groups = h // kvh
         qg = q.reshape(q.shape[:2] + (kvh, groups, d))
         kind = attention_lib.resolve(cfg.attention)
+        if kind == "cudnn" and cache is not None:
+            # A decode step (one query per row, at its slot), or the prompt pass from slot 0:
+            # cuDNN reads the cache in place, each row up to its newest slot.
+            decoding = x.shape[1] == 1
+            out = attention_lib.cudnn_cached(
+                jnp.moveaxis(qg, 1, 3),  # [B, Hkv, G, T, D]
+                k_all,
+                v_all,
+                kv_len=positions[:, -1] + 1,
+                causal=not decoding,
+            )
+            out = jnp.moveaxis(out, 3, 1).reshape(q.shape[:2] + (h, d))
+            return self._o_proj(out), new_cache
         if kind != "xla" and x.shape[1] > 1:  # Training, or the prompt pass.
             qh = jnp.moveaxis(qg, 1, 3)  # [B, Hkv, G, T, D]
             kh, vh = (a.astype(dt) for a in (k_all, v_all))
