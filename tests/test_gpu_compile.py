@@ -1,0 +1,76 @@
+"""benchmarks/gpu_compile.py: its reading of compiled HLO (checked on programs compiled for this
+CPU, whose text has the same form), its targets, and its error without JAX's CUDA plugin."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import gpu_compile
+from vcppo_jax import models, sampling
+
+
+def decode_hlo(num_layers: int) -> str:
+    config = models.ModelConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=num_layers,
+        num_heads=4, num_kv_heads=2,
+    )  # fmt: skip
+    params = jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
+    sp = sampling.SamplingParams(max_new_tokens=8, temperature=0.0)
+    state = jax.eval_shape(
+        lambda p, x, n: sampling.prefill(config, p, x, n, sp, jax.random.key(0)),
+        params,
+        jax.ShapeDtypeStruct((2, 4), jnp.int32),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+    )
+    return sampling.decode.lower(config, params, state, sp).compile().as_text()
+
+
+def test_the_decode_loop_is_found_and_each_layer_adds_the_same_kernels():
+    counts = {}
+    for layers in (2, 3, 4):
+        hlo = decode_hlo(layers)
+        comps = gpu_compile.computations(hlo)
+        assert "ENTRY" in comps
+        loops = gpu_compile.while_loops(hlo)
+        assert len(loops) == 1
+        condition, body = loops[0]
+        assert condition in comps and body in comps
+        counts[layers] = gpu_compile.kernels(comps[body])
+    for part in ("attention", "mlp", "norm"):
+        per_layer = counts[3][part] - counts[2][part]
+        assert per_layer > 0 and counts[4][part] - counts[3][part] == per_layer, (part, counts)
+    # Sampling the token and the loop's bookkeeping do not depend on the depth.
+    assert counts[4]["sampling and loop"] == counts[2]["sampling and loop"] > 0
+
+
+def test_instructions_that_launch_nothing_are_not_counted():
+    lines = [
+        '  %p = f32[4]{0} parameter(0), metadata={op_name="x"}',
+        "  %b = f32[2,2]{1,0} bitcast(%p)",
+        "  %g = f32[4]{0} get-tuple-element(%t), index=0",
+        '  %f = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="a/layers_0/mlp/mul"}',
+        '  ROOT %k = f32[4]{0} custom-call(%f), metadata={op_name="a/layers_0/attn/dot"}',
+    ]
+    assert gpu_compile.kernels(lines) == {"mlp": 1, "attention": 1}
+
+
+def test_targets():
+    text = gpu_compile.target_config("h100")
+    assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+    assert "cuda_compute_capability { major: 9 }" in text
+    with pytest.raises(ValueError, match="unknown target 'a100'; known: h100, h200"):
+        gpu_compile.target_config("a100")
+
+
+def cuda_plugin_installed() -> bool:
+    return importlib.util.find_spec("jax_plugins") is not None and any(
+        importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)
+    )
+
+
+@pytest.mark.skipif(cuda_plugin_installed(), reason="JAX's CUDA plugin is installed here")
+def test_without_the_cuda_plugin_the_error_says_what_to_install():
+    with pytest.raises(SystemExit, match=r"jax-cuda12-plugin\[with-cuda\]==0.10.2"):
+        gpu_compile._topology("h100")
