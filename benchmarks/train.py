@@ -148,7 +148,7 @@ def measure(config: ModelConfig, head: str, b: int, t: int, steps: int) -> dict:
 def run(model: str, shapes, attention: str, peer: str, dtype: str, remat: str, steps: int):
     """The report: per shape, update and implementation, ``measure``'s numbers."""
     base = ModelConfig(**SHAPES[model], param_dtype=dtype, dtype=dtype, remat=remat)
-    kinds = [attention_lib.resolve(attention)] + ([peer] if peer else [])
+    kinds = [attention_lib.resolve(attention, dtype=dtype)] + ([peer] if peer else [])
     report = {
         "model": model,
         "matmul_params_actor": matmul_params(base, "lm"),

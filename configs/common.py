@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Attention of training, prompt and decode passes (vcppo_jax/models/attention.py): "xla" (scores
     # materialised: fastest at these CPU lengths, and the committed results' numerics),
     # "blockwise" (memory linear in length, any backend), "cudnn" (GPU flash kernel) or "auto"
-    # (cudnn on a GPU, else blockwise; the choice is recorded in config.json's "resolved").
+    # (cudnn on a GPU for bfloat16, else blockwise; the choice is in config.json's "resolved").
     c.model.attention = "xla"
     # What the value models (reward model and critic) read: "hidden" (a linear head on the
     # last hidden state, as the paper's reward model and critic) or "hidden+likelihood" (also

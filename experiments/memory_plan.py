@@ -128,7 +128,7 @@ def plan(
     # The logits of one minibatch in float32 (the log-probabilities' softmax).
     vocab_shards = mesh_shape["tensor"] if mcfg.vocab_size % mesh_shape["tensor"] == 0 else 1
     out["logits (float32, one minibatch)"] = mb * t * mcfg.vocab_size * 4 // vocab_shards
-    kind = attention_lib.resolve(config.model.attention, backend)
+    kind = attention_lib.resolve(config.model.attention, backend, mcfg.dtype)
     heads = mcfg.num_heads // mesh_shape["tensor"]
     where = "every layer" if kept > 1 else "one layer"
     out[f"attention working memory ({kind}, {where}, one minibatch)"] = kept * attention_bytes(

@@ -107,11 +107,32 @@ def test_blockwise_holds_no_t_by_t_buffer_in_forward_and_backward():
 
 def test_resolve():
     assert attention.resolve("auto", "gpu") == "cudnn"
+    assert attention.resolve("auto", "gpu", "bfloat16") == "cudnn"
+    assert attention.resolve("auto", "gpu", "float32") == "blockwise"  # cuDNN lacks float32.
+    assert attention.resolve("cudnn", "gpu", "float32") == "cudnn"  # As asked (then refused).
     assert attention.resolve("auto", "tpu") == "splash"
     assert attention.resolve("auto", "cpu") == "blockwise"
     assert attention.resolve("xla") == "xla"
     with pytest.raises(ValueError, match="attention='flash'"):
         attention.resolve("flash")
+
+
+def test_kernels_that_cannot_run_are_refused_with_the_cure():
+    with pytest.raises(attention.BackendError, match="this backend is cpu: use auto"):
+        attention.check_available("cudnn", "bfloat16", "cpu")
+    with pytest.raises(attention.BackendError, match="model.dtype is float32: set model.dtype"):
+        attention.check_available("cudnn", "float32", "gpu")
+    with pytest.raises(attention.BackendError, match="model.attention='splash'"):
+        attention.check_available("splash", "float32", "cpu")
+    for name, dtype, backend in [
+        ("auto", "float32", "gpu"),  # blockwise
+        ("auto", "bfloat16", "gpu"),  # cudnn
+        ("cudnn", "float16", "gpu"),
+        ("auto", "float32", "cpu"),
+        ("xla", "float32", "cpu"),
+        ("blockwise", "bfloat16", "tpu"),
+    ]:
+        attention.check_available(name, dtype, backend)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs an NVIDIA GPU")

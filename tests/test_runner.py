@@ -186,6 +186,18 @@ def test_splash_attention_off_a_tpu_is_refused_at_once(tmp_path):
     assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN's kernel runs on this GPU")
+def test_cudnn_attention_off_a_gpu_is_refused_at_once(tmp_path):
+    """cuDNN's kernel asked for on a CPU: one error line naming the cure, before any training."""
+    wd = str(tmp_path / "cudnn")
+    out = run_main(wd, "--config.model.attention=cudnn", timeout=120)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "model.attention='cudnn'" in last
+    assert "use auto, blockwise or xla" in last and "Traceback" not in out.stderr
+    assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
+
+
 def test_unusable_workdirs_and_data_files_end_in_one_line(tmp_path):
     """A workdir that is a file, and an empty or non-UTF-8 prompt file: one ``error:`` line
     naming the path, exit 1, no traceback unless --verbosity=1 asks for it."""

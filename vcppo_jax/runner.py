@@ -90,8 +90,8 @@ class Experiment:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.workdir = workdir
-        if attention_lib.resolve(config.model.attention) == "splash":
-            attention_lib.splash_interpret()  # Off a TPU: a clear error now, not mid-trace.
+        # A kernel this backend or dtype lacks: a clear error now, not mid-trace.
+        attention_lib.check_available(config.model.attention, config.model.dtype)
         self.mesh = sharding.make_mesh({a: config.mesh[a] for a in sharding.MESH_AXES})
         self.rules = tuple(tuple(r) for r in config.mesh.rules)
         self._batch_shards = int(
@@ -660,7 +660,7 @@ class Experiment:
             record = json.loads(c.to_json_best_effort())
             # What "auto" settings stand for on this machine, and the machine (its numerics).
             record["resolved"] = {
-                "model.attention": attention_lib.resolve(c.model.attention),
+                "model.attention": attention_lib.resolve(c.model.attention, dtype=c.model.dtype),
                 "host": workdir_lib.host_record(),
             }
             workdir_lib.record_config(

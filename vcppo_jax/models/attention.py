@@ -27,7 +27,8 @@ needs no mask of its own (padded slots lie after every real token of their row).
   the ``data`` and ``fsdp`` axes, key heads over ``tensor``, each where it divides them.
 
 ``IMPLEMENTATIONS`` names the choices of ``ModelConfig.attention``; ``resolve`` turns ``auto``
-into the best available on the current backend.
+into the best available on the current backend for the model's dtype; ``check_available``
+refuses, with the cure, a kernel that cannot run there.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
+CUDNN_DTYPES = ("bfloat16", "float16")  # Activations cuDNN's fused attention takes.
 DEFAULT_BLOCK = 512
 SPLASH_BLOCK = 128  # Query and key tile of the splash kernel (TPU lanes are 128 wide).
 _FAR = jnp.iinfo(jnp.int32).max  # Position of padding keys: visible to no query.
@@ -51,15 +53,40 @@ class BackendError(ValueError):
     """An attention kernel asked for on a backend that lacks it (e.g. splash off a TPU)."""
 
 
-def resolve(name: str, backend: str | None = None) -> str:
-    """The implementation ``name`` stands for on ``backend`` (default: JAX's): ``auto`` is
-    ``cudnn`` on GPUs, ``splash`` on TPUs and ``blockwise`` elsewhere; other names stand for
-    themselves."""
+def resolve(name: str, backend: str | None = None, dtype: str | None = None) -> str:
+    """The implementation ``name`` stands for on ``backend`` (default: JAX's) for activations
+    of ``dtype`` (a name; None: any): ``auto`` is ``cudnn`` on GPUs (``blockwise`` there for a
+    dtype cuDNN's kernel lacks, as float32), ``splash`` on TPUs and ``blockwise`` elsewhere;
+    other names stand for themselves."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention={name!r}; expected one of {IMPLEMENTATIONS}")
     if name != "auto":
         return name
-    return {"gpu": "cudnn", "tpu": "splash"}.get(backend or jax.default_backend(), "blockwise")
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        return "cudnn" if dtype is None or dtype in CUDNN_DTYPES else "blockwise"
+    return {"tpu": "splash"}.get(backend, "blockwise")
+
+
+def check_available(name: str, dtype: str, backend: str | None = None) -> None:
+    """Raises ``BackendError`` when the kernel ``name`` stands for cannot run here: cuDNN's
+    off an NVIDIA GPU or for activations other than bfloat16 / float16, splash off a TPU
+    (unless TPU interpret mode is asked for, see ``splash_interpret``)."""
+    backend = backend or jax.default_backend()
+    kind = resolve(name, backend, dtype)
+    if kind == "cudnn" and backend != "gpu":
+        raise BackendError(
+            f"model.attention='cudnn' is cuDNN's kernel for NVIDIA GPUs and this backend is "
+            f"{backend}: use auto, blockwise or xla"
+        )
+    if kind == "cudnn" and dtype not in CUDNN_DTYPES:
+        raise BackendError(
+            f"model.attention='cudnn' takes activations in {' or '.join(CUDNN_DTYPES)} and "
+            f"model.dtype is {dtype}: set model.dtype=bfloat16, or use auto (blockwise for "
+            f"{dtype} on a GPU), blockwise or xla"
+        )
+    if kind == "splash" and backend != "tpu":
+        splash_interpret()
 
 
 def _mask(q_pos, k_pos):

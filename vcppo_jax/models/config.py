@@ -43,8 +43,8 @@ class ModelConfig:
     remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmuls).
     # Attention of training, prompt and decode passes (models/attention.py): "xla" (scores
     # materialised), "blockwise" (memory linear in length), "cudnn" (GPU flash kernel),
-    # "splash" (Pallas TPU flash kernel) or "auto" (cudnn on a GPU, splash on a TPU, else
-    # blockwise).
+    # "splash" (Pallas TPU flash kernel) or "auto" (cudnn on a GPU, blockwise there for
+    # float32; splash on a TPU; else blockwise).
     attention: str = "xla"
     # What a value model's head reads (reward model and critic): "hidden" (the last hidden
     # state, a linear head: the usual value / reward head) or "hidden+likelihood" (that plus

@@ -143,7 +143,7 @@ class Attention(nn.Module):
 
         groups = h // kvh
         qg = q.reshape(q.shape[:2] + (kvh, groups, d))
-        kind = attention_lib.resolve(cfg.attention)
+        kind = attention_lib.resolve(cfg.attention, dtype=cfg.dtype)
         if kind == "cudnn" and cache is not None:
             # A decode step (one query per row, at its slot), or the prompt pass from slot 0:
             # cuDNN reads the cache in place, each row up to its newest slot.
