@@ -174,27 +174,28 @@ def test_a_locked_workdir_is_refused_at_once(tmp_path):
     assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
 
 
-def test_splash_attention_off_a_tpu_is_refused_at_once(tmp_path):
-    """The Pallas TPU kernel asked for on a CPU: one error line naming the cure, before any
-    training (its interpret mode is for tests only)."""
-    wd = str(tmp_path / "splash")
-    out = run_main(wd, "--config.model.attention=splash", timeout=120)
+@pytest.mark.parametrize(
+    "kernel, cure",
+    [
+        ("splash", "use auto, blockwise or cudnn"),
+        pytest.param(
+            "cudnn",
+            "use auto, blockwise or xla",
+            marks=pytest.mark.skipif(
+                jax.default_backend() == "gpu", reason="cuDNN's kernel runs on this GPU"
+            ),
+        ),
+    ],
+)
+def test_an_attention_kernel_this_backend_lacks_is_refused_at_once(tmp_path, kernel, cure):
+    """The Pallas TPU kernel (whose interpret mode is for tests only), or cuDNN's, asked for
+    on a CPU: one error line naming the cure, before any training."""
+    wd = str(tmp_path / kernel)
+    out = run_main(wd, f"--config.model.attention={kernel}", timeout=120)
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "model.attention='splash'" in last
-    assert "use auto, blockwise or cudnn" in last and "Traceback" not in out.stderr
-    assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
-
-
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN's kernel runs on this GPU")
-def test_cudnn_attention_off_a_gpu_is_refused_at_once(tmp_path):
-    """cuDNN's kernel asked for on a CPU: one error line naming the cure, before any training."""
-    wd = str(tmp_path / "cudnn")
-    out = run_main(wd, "--config.model.attention=cudnn", timeout=120)
-    assert out.returncode == 1
-    last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "model.attention='cudnn'" in last
-    assert "use auto, blockwise or xla" in last and "Traceback" not in out.stderr
+    assert last.startswith("error: ") and f"model.attention='{kernel}'" in last
+    assert cure in last and "Traceback" not in out.stderr
     assert not os.path.exists(os.path.join(wd, "metrics.jsonl"))
 
 
