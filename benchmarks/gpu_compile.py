@@ -5,6 +5,7 @@ GPU on a machine that has none.
     python -m benchmarks.gpu_compile [--target h100] [--parts train,decode] \\
         [--models qwen2.5-0.5b,qwen2.5-1.5b] [--shapes 8x2048,2x8192,1x32768] \\
         [--attention cudnn,blockwise,xla] [--decode 64x128x512]
+    python -m benchmarks.gpu_compile --parts config --config configs/vcppo.py:small
 
 JAX's CUDA plugin can compile for a GPU described by a target configuration (the device's
 compute capability, core count, memory and bandwidth; ``TARGETS``) without a GPU or a driver.
@@ -15,6 +16,9 @@ every figure here is the compiler's plan, not a measurement of time:
   update and the critic update (bf16, remat full, as ``benchmarks/train.py``): XLA's compiled
   memory analysis (temporaries, arguments, outputs) and the number of cuDNN attention calls.
   Whether training memory grows linearly with T is read off the temporaries.
+- ``config``: an experiment config's (``--config path:VARIANT``) actor and critic updates of
+  one minibatch and its decode loop of one rollout batch, on one device, with
+  ``experiments/memory_plan.py``'s plan for the same config beside them.
 - ``decode``: ``sampling.decode`` at ``batch x prompt x new`` (greedy, bf16): the kernels one
   generated token launches (the loop body's fusions, library calls and copies, by the part of
   the model they come from) and the loop condition's. A decode step that launches hundreds of
@@ -147,18 +151,23 @@ def _on(sharding, tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def train_memory(sharding, model: str, b: int, t: int, head: str, attention: str) -> dict:
-    """One actor (``head="lm"``) or critic update compiled for the target: memory analysis."""
+def shape_config(model: str, attention: str):
+    """A ``benchmarks/train.py`` model shape in bf16 with remat full."""
+    from benchmarks.train import SHAPES
+    from vcppo_jax.models import ModelConfig
+
+    return ModelConfig(
+        **SHAPES[model], dtype="bfloat16", param_dtype="bfloat16", remat="full", attention=attention
+    )
+
+
+def train_memory(sharding, config, b: int, t: int, head: str) -> dict:
+    """One actor (``head="lm"``) or critic update of ``config``'s model compiled for the
+    target: memory analysis."""
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.train import SHAPES
     from vcppo_jax import models, train_state, updates
-    from vcppo_jax.models import ModelConfig
-
-    config = ModelConfig(
-        **SHAPES[model], dtype="bfloat16", param_dtype="bfloat16", remat="full", attention=attention
-    )
 
     def make_state():
         params = models.init_params(config, jax.random.key(0), head=head)
@@ -191,17 +200,15 @@ def train_memory(sharding, model: str, b: int, t: int, head: str, attention: str
     }
 
 
-def decode_kernels(
-    sharding, model: str, batch: int, prompt: int, new: int, attention: str = "xla"
-) -> dict:
-    """``sampling.decode`` compiled for the target: kernels per generated token, and memory."""
+def decode_kernels(sharding, config, batch: int, prompt: int, new: int) -> dict:
+    """``sampling.decode`` of ``config``'s model compiled for the target: kernels per
+    generated token, and memory."""
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.sampling import bench_config, decode_bytes_per_step
+    from benchmarks.sampling import decode_bytes_per_step
     from vcppo_jax import models, sampling
 
-    config = bench_config(model, "bfloat16", attention)
     params = _on(
         sharding, jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
     )
@@ -235,6 +242,33 @@ def decode_kernels(
     }
 
 
+def config_programs(sharding, spec: str, prompt_budget: int | None = None) -> dict:
+    """An experiment config's (``path:VARIANT``) largest programs on one device of the target,
+    beside ``experiments/memory_plan.py``'s plan for it: the actor and critic updates of one
+    minibatch and the decode loop of one rollout batch, prompts of ``prompt_budget`` tokens
+    (the plan's default) and ``rollout.max_new_tokens`` new ones."""
+    from experiments import memory_plan
+    from vcppo_jax.models import attention as attention_lib
+
+    config = memory_plan.load_config(spec)
+    model = memory_plan.model_shape(config)
+    model = model.replace(attention=attention_lib.resolve(model.attention, "gpu", model.dtype))
+    plan = memory_plan.plan(config, 1, "gpu", prompt_budget)
+    budget = prompt_budget or (1024 if config.model.hf_path else 256)
+    rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
+    minibatch = max(1, rows // config.ppo.minibatches)
+    new = config.rollout.max_new_tokens
+    return {
+        "attention": model.attention,
+        "minibatch": [minibatch, budget + new],
+        "rollout": [rows, budget, new],
+        "plan_bytes": {k: int(v) for k, v in plan.items() if not k.startswith("_")},
+        "actor": train_memory(sharding, model, minibatch, budget + new, "lm"),
+        "critic": train_memory(sharding, model, minibatch, budget + new, "value"),
+        "decode": decode_kernels(sharding, model, rows, budget, new),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", default="h100", choices=list(TARGETS))
@@ -243,11 +277,17 @@ def main() -> None:
     parser.add_argument("--shapes", default="8x2048,2x8192,1x32768")
     parser.add_argument("--attention", default="cudnn,blockwise,xla")
     parser.add_argument("--decode", default="64x128x512", help="batch x prompt x new tokens")
+    parser.add_argument(
+        "--config", default=None, help="the config part's experiment config (path:VARIANT)"
+    )
+    parser.add_argument("--prompt_budget", type=int, default=None, help="the config part's")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
-    if unknown := set(parts) - {"train", "decode"}:
-        parser.error(f"unknown parts {sorted(unknown)}; known: train, decode")
+    if unknown := set(parts) - {"train", "decode", "config"}:
+        parser.error(f"unknown parts {sorted(unknown)}; known: train, decode, config")
+    if ("config" in parts) != bool(args.config):
+        parser.error("--config goes with the config part, and the config part needs it")
     try:
         shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
         decode_shape = tuple(int(x) for x in args.decode.split("x"))
@@ -261,6 +301,7 @@ def main() -> None:
     import jax
 
     from benchmarks.report import write_report
+    from benchmarks.sampling import bench_config
 
     jax.config.update("jax_platforms", "cpu")
     sharding = _topology(args.target)
@@ -283,7 +324,7 @@ def main() -> None:
                     key = f"{model}/{b}x{t}/{update}/{kind}"
                     if key in report["train"]:
                         continue
-                    r = train_memory(sharding, model, b, t, head, kind)
+                    r = train_memory(sharding, shape_config(model, kind), b, t, head)
                     report["train"][key] = r
                     gib = {k: round(v / 2**30, 3) for k, v in r.items() if k.endswith("bytes")}
                     print(f"[compile] {key}: {gib or r}", flush=True)
@@ -294,9 +335,15 @@ def main() -> None:
     for model in args.models.split(",") if "decode" in parts else []:
         for kind in decode_kinds:
             key = f"{model}/{args.decode}/{kind}"
-            r = decode_kernels(sharding, model, *decode_shape, attention=kind)
+            r = decode_kernels(sharding, bench_config(model, "bfloat16", kind), *decode_shape)
             report.setdefault("decode", {})[key] = r
             print(f"[compile] decode {key}: {r}", flush=True)
+    if "config" in parts:
+        r = config_programs(sharding, args.config, args.prompt_budget)
+        report.setdefault("config", {})[args.config] = r
+        for name in ("actor", "critic", "decode"):
+            gib = {k: round(v / 2**30, 3) for k, v in r[name].items() if k.endswith("bytes")}
+            print(f"[compile] {args.config} {name}: {gib}", flush=True)
     write_report(report, "compiled", out)
 
 

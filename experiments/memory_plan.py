@@ -139,6 +139,17 @@ def plan(
     return out
 
 
+def load_config(spec: str):
+    """``path/to/config.py:VARIANT`` (or just the path) -> that file's ``get_config(VARIANT)``."""
+    import importlib.util
+
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("cfg", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/vcppo.py:qwen2.5-32b")
@@ -148,13 +159,7 @@ def main():
     )
     parser.add_argument("--prompt_budget", type=int, default=None, help="prompt tokens counted")
     args = parser.parse_args()
-    path, _, arg = args.config.partition(":")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    config = load_config(args.config)
     result = plan(config, args.devices, args.backend, args.prompt_budget)
     print(f"mesh {result.pop('_mesh')}, {result.pop('_per_device_batch')} sequences per device")
     total = 0

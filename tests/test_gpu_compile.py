@@ -2,6 +2,7 @@
 CPU, whose text has the same form), its targets, and its error without JAX's CUDA plugin."""
 
 import importlib.util
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -74,3 +75,20 @@ def cuda_plugin_installed() -> bool:
 def test_without_the_cuda_plugin_the_error_says_what_to_install():
     with pytest.raises(SystemExit, match=r"jax-cuda12-plugin\[with-cuda\]==0.10.2"):
         gpu_compile._topology("h100")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--parts", "config"],  # The config part without a config.
+        ["--config", "configs/vcppo.py:small"],  # A config without its part.
+        ["--parts", "train,bogus"],
+        ["--shapes", "8x2048x3"],
+        ["--decode", "64x128"],
+    ],
+)
+def test_bad_flags_are_usage_errors_before_any_compile(monkeypatch, argv):
+    monkeypatch.setattr(sys, "argv", ["gpu_compile", *argv])
+    with pytest.raises(SystemExit) as e:
+        gpu_compile.main()
+    assert e.value.code == 2
