@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import time
@@ -126,14 +127,26 @@ def while_loops(hlo: str) -> list[tuple[str, str]]:
     return [m.groups() for line in entry if (m := pattern.search(line))]
 
 
-def _topology(target: str):
-    """A one-device mesh of the target GPU, made by the CUDA plugin without a device."""
+def target_mesh(target: str, sizes: dict | None = None):
+    """A mesh (axes ``data``, ``fsdp``, ``tensor``) of target GPUs made by the CUDA plugin
+    without a device: one device, or ``sizes`` as a config's ``mesh`` gives them (``-1``:
+    the rest), hosts of 8 GPUs."""
     import jax
+    import numpy as np
     from jax.experimental import topologies
 
+    from vcppo_jax import sharding
+
+    sizes = dict(sizes or {"data": 1, "fsdp": 1, "tensor": 1})
+    n = math.prod(v for v in sizes.values() if v > 0)
+    if -1 in sizes.values():
+        raise ValueError(f"mesh {sizes}: give every size for a compile (no -1)")
+    per_host = math.gcd(n, 8)
     try:
         topo = topologies.get_topology_desc(
-            platform="cuda", target_config=target_config(target), topology="1x1x1"
+            platform="cuda",
+            target_config=target_config(target),
+            topology=f"1x{n // per_host}x{per_host}",
         )
     except Exception as e:
         raise SystemExit(
@@ -141,14 +154,34 @@ def _topology(target: str):
             '(pip install "jax-cuda12-plugin[with-cuda]==0.10.2"); '
             f"making the {target} topology failed: {type(e).__name__}: {str(e)[:300]}"
         ) from e
-    mesh = topologies.make_mesh(topo, (1,), ("device",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shape = tuple(sizes[a] for a in sharding.MESH_AXES)
+    devices = np.asarray(topo.devices).reshape(shape)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(shape)
+    return jax.sharding.Mesh(devices, sharding.MESH_AXES, axis_types=axis_types)
 
 
-def _on(sharding, tree):
+def _abstract_state(config, head: str, mesh, rules):
+    """The train state of ``config``'s actor (``head="lm"``) or critic as shapes placed as a
+    run places them: parameters by the logical-axis ``rules``, Adam's moments as their
+    parameters, counters replicated."""
     import jax
 
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+    from vcppo_jax import models, sharding, train_state
+
+    shapes, specs = models.abstract_params(config, head)
+    placed = sharding.param_shardings(specs, mesh, rules, shapes)
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.eval_shape(
+        lambda p: train_state.TrainState.create(p, train_state.make_optimizer(1e-5)), shapes
+    )
+    adam = state.opt_state[1][0]  # After clipping: optax's Adam state (count, mu, nu).
+    on = lambda tree, sh: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh
+    )
+    rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), state)
+    adam = rest.opt_state[1][0]._replace(mu=on(adam.mu, placed), nu=on(adam.nu, placed))
+    opt = (rest.opt_state[0], (adam, *rest.opt_state[1][1:]), *rest.opt_state[2:])
+    return rest.replace(params=on(state.params, placed), opt_state=opt)
 
 
 def shape_config(model: str, attention: str):
@@ -161,21 +194,20 @@ def shape_config(model: str, attention: str):
     )
 
 
-def train_memory(sharding, config, b: int, t: int, head: str) -> dict:
-    """One actor (``head="lm"``) or critic update of ``config``'s model compiled for the
-    target: memory analysis."""
+def train_memory(mesh, config, b: int, t: int, head: str, rules=None) -> dict:
+    """One actor (``head="lm"``) or critic update of ``config``'s model on ``[b, t]`` (the
+    global batch) compiled for the mesh's target GPUs: memory analysis per device."""
     import jax
     import jax.numpy as jnp
 
-    from vcppo_jax import models, train_state, updates
+    from vcppo_jax import sharding, updates
 
-    def make_state():
-        params = models.init_params(config, jax.random.key(0), head=head)
-        return train_state.TrainState.create(params, train_state.make_optimizer(1e-5))
-
-    state = _on(sharding, jax.eval_shape(make_state))
+    rules = rules or sharding.DEFAULT_RULES
+    state = _abstract_state(config, head, mesh, rules)
     n = t - 1
-    arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    arg = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape))
+    )
     batch = (arg((b, t), jnp.int32), arg((b, n), jnp.int32), arg((b, n), jnp.float32))
     f32 = arg((b, n), jnp.float32)
     if head == "lm":
@@ -187,7 +219,8 @@ def train_memory(sharding, config, b: int, t: int, head: str) -> dict:
         args = (*batch, f32, f32)
     t0 = time.perf_counter()
     try:
-        compiled = jax.jit(fn, donate_argnums=0).lower(state, *args).compile()
+        with jax.set_mesh(mesh):
+            compiled = jax.jit(fn, donate_argnums=0).lower(state, *args).compile()
     except Exception as e:  # Recorded; the other programs still compile.
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     mem = compiled.memory_analysis()
@@ -200,26 +233,43 @@ def train_memory(sharding, config, b: int, t: int, head: str) -> dict:
     }
 
 
-def decode_kernels(sharding, config, batch: int, prompt: int, new: int) -> dict:
-    """``sampling.decode`` of ``config``'s model compiled for the target: kernels per
-    generated token, and memory."""
+def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) -> dict:
+    """``sampling.decode`` of ``config``'s model (``batch`` rows in all) compiled for the
+    mesh's target GPUs, its state placed as the compiled prompt pass leaves it: kernels per
+    generated token, and memory per device."""
     import jax
     import jax.numpy as jnp
 
     from benchmarks.sampling import decode_bytes_per_step
-    from vcppo_jax import models, sampling
+    from vcppo_jax import models, sampling, sharding
 
-    params = _on(
-        sharding, jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
+    rules = rules or sharding.DEFAULT_RULES
+    shapes, specs = models.abstract_params(config, "lm")
+    placed = sharding.param_shardings(specs, mesh, rules, shapes)
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, placed
     )
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape))
+    )
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sp = sampling.SamplingParams(max_new_tokens=new, temperature=0.0)
-    state = jax.eval_shape(
-        lambda p, x, n: sampling.prefill(config, p, x, n, sp, jax.random.key(0)),
-        params,
-        jax.ShapeDtypeStruct((batch, prompt), jnp.int32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-    )
-    compiled = sampling.decode.lower(config, params, _on(sharding, state), sp).compile()
+    with jax.set_mesh(mesh):
+        first = sampling.prefill.lower(
+            config,
+            params,
+            rows((batch, prompt), jnp.int32),
+            rows((batch,), jnp.int32),
+            sp,
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole),
+        ).compile()
+        state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            first.out_info,
+            first.output_shardings,
+        )
+        compiled = sampling.decode.lower(config, params, state, sp).compile()
     hlo = compiled.as_text()
     comps = computations(hlo)
     loops = while_loops(hlo)
@@ -242,30 +292,36 @@ def decode_kernels(sharding, config, batch: int, prompt: int, new: int) -> dict:
     }
 
 
-def config_programs(sharding, spec: str, prompt_budget: int | None = None) -> dict:
-    """An experiment config's (``path:VARIANT``) largest programs on one device of the target,
-    beside ``experiments/memory_plan.py``'s plan for it: the actor and critic updates of one
-    minibatch and the decode loop of one rollout batch, prompts of ``prompt_budget`` tokens
-    (the plan's default) and ``rollout.max_new_tokens`` new ones."""
+def config_programs(target: str, spec: str, devices: int = 1, prompt_budget=None) -> dict:
+    """An experiment config's (``path:VARIANT``) largest programs on ``devices`` target GPUs,
+    under the config's mesh and rules, beside ``experiments/memory_plan.py``'s plan for it:
+    the actor and critic updates of one minibatch and the decode loop of one rollout batch,
+    prompts of ``prompt_budget`` tokens (the plan's default) and ``rollout.max_new_tokens``
+    new ones. Memory is per device."""
     from experiments import memory_plan
+    from vcppo_jax import sharding
     from vcppo_jax.models import attention as attention_lib
 
     config = memory_plan.load_config(spec)
     model = memory_plan.model_shape(config)
     model = model.replace(attention=attention_lib.resolve(model.attention, "gpu", model.dtype))
-    plan = memory_plan.plan(config, 1, "gpu", prompt_budget)
+    sizes = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
+    mesh = target_mesh(target, sizes)
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    plan = memory_plan.plan(config, devices, "gpu", prompt_budget)
     budget = prompt_budget or (1024 if config.model.hf_path else 256)
     rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
     minibatch = max(1, rows // config.ppo.minibatches)
-    new = config.rollout.max_new_tokens
+    new, t = config.rollout.max_new_tokens, budget + config.rollout.max_new_tokens
     return {
         "attention": model.attention,
-        "minibatch": [minibatch, budget + new],
+        "mesh": sizes,
+        "minibatch": [minibatch, t],
         "rollout": [rows, budget, new],
         "plan_bytes": {k: int(v) for k, v in plan.items() if not k.startswith("_")},
-        "actor": train_memory(sharding, model, minibatch, budget + new, "lm"),
-        "critic": train_memory(sharding, model, minibatch, budget + new, "value"),
-        "decode": decode_kernels(sharding, model, rows, budget, new),
+        "actor": train_memory(mesh, model, minibatch, t, "lm", rules),
+        "critic": train_memory(mesh, model, minibatch, t, "value", rules),
+        "decode": decode_kernels(mesh, model, rows, budget, new, rules),
     }
 
 
@@ -280,6 +336,7 @@ def main() -> None:
     parser.add_argument(
         "--config", default=None, help="the config part's experiment config (path:VARIANT)"
     )
+    parser.add_argument("--devices", type=int, default=1, help="the config part's GPUs")
     parser.add_argument("--prompt_budget", type=int, default=None, help="the config part's")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -304,7 +361,7 @@ def main() -> None:
     from benchmarks.sampling import bench_config
 
     jax.config.update("jax_platforms", "cpu")
-    sharding = _topology(args.target)
+    mesh = target_mesh(args.target)
     out = args.out or os.path.join(
         os.path.dirname(__file__), "results", f"compiled_{args.target}.json"
     )
@@ -324,7 +381,7 @@ def main() -> None:
                     key = f"{model}/{b}x{t}/{update}/{kind}"
                     if key in report["train"]:
                         continue
-                    r = train_memory(sharding, shape_config(model, kind), b, t, head)
+                    r = train_memory(mesh, shape_config(model, kind), b, t, head)
                     report["train"][key] = r
                     gib = {k: round(v / 2**30, 3) for k, v in r.items() if k.endswith("bytes")}
                     print(f"[compile] {key}: {gib or r}", flush=True)
@@ -335,12 +392,12 @@ def main() -> None:
     for model in args.models.split(",") if "decode" in parts else []:
         for kind in decode_kinds:
             key = f"{model}/{args.decode}/{kind}"
-            r = decode_kernels(sharding, bench_config(model, "bfloat16", kind), *decode_shape)
+            r = decode_kernels(mesh, bench_config(model, "bfloat16", kind), *decode_shape)
             report.setdefault("decode", {})[key] = r
             print(f"[compile] decode {key}: {r}", flush=True)
     if "config" in parts:
-        r = config_programs(sharding, args.config, args.prompt_budget)
-        report.setdefault("config", {})[args.config] = r
+        r = config_programs(args.target, args.config, args.devices, args.prompt_budget)
+        report.setdefault("config", {})[f"{args.config} on {args.devices}"] = r
         for name in ("actor", "critic", "decode"):
             gib = {k: round(v / 2**30, 3) for k, v in r[name].items() if k.endswith("bytes")}
             print(f"[compile] {args.config} {name}: {gib}", flush=True)

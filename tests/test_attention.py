@@ -262,6 +262,35 @@ def test_splash_runs_per_shard_under_a_mesh():
     np.testing.assert_allclose(got, attention.reference(q, k, v, pos, pos), atol=2e-5)
 
 
+@pytest.mark.multidevice(8)
+def test_cudnn_operands_are_laid_out_alike_under_a_mesh():
+    """cuDNN's partitioner takes query, key and value only when they are sharded alike: under
+    a mesh they are constrained to one layout (rows over data, heads over tensor where the
+    key heads divide), whatever layouts they arrive in, as a KV cache made inside the prompt
+    pass does (found compiling ``small`` on 8 GPUs for an H100 target)."""
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 1, 4), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    q = jnp.zeros((4, 8, 1, 16))  # [B, H, T, D]: 8 query heads, 4 key heads.
+    k = jnp.zeros((4, 4, 32, 16))
+    f = jax.jit(lambda *a: attention._alike(*a, heads_axis=1))
+    args = (
+        jax.device_put(q, NamedSharding(mesh, P(None, "tensor"))),
+        jax.device_put(k, NamedSharding(mesh, P("data"))),
+        jax.device_put(k, NamedSharding(mesh, P())),
+    )
+    with jax.set_mesh(mesh):
+        out = f(*args)
+    first_two = lambda x: (*x.sharding.spec, None, None)[:2]
+    assert {first_two(x) for x in out} == {("data", "tensor")}
+    # Two key heads do not divide over 4 tensor devices: heads stay whole, for all three.
+    k2 = jnp.zeros((4, 2, 32, 16))
+    with jax.set_mesh(mesh):
+        out = f(q, k2, k2)
+    assert {first_two(x) for x in out} == {("data", None)}
+
+
 def test_splash_block_must_fill_the_lanes():
     q, k, v, _ = _causal(1, 1, 1, 64, 8)
     with pytest.raises(ValueError, match="block=64: the splash kernel's tile must be a multiple"):

@@ -74,7 +74,7 @@ def cuda_plugin_installed() -> bool:
 @pytest.mark.skipif(cuda_plugin_installed(), reason="JAX's CUDA plugin is installed here")
 def test_without_the_cuda_plugin_the_error_says_what_to_install():
     with pytest.raises(SystemExit, match=r"jax-cuda12-plugin\[with-cuda\]==0.10.2"):
-        gpu_compile._topology("h100")
+        gpu_compile.target_mesh("h100")
 
 
 @pytest.mark.parametrize(

@@ -200,11 +200,48 @@ def _blockwise_bwd(block, res, d_out):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
+def _row_and_head_spec(mesh, rows: int, heads: int):
+    """The PartitionSpec of a ``[rows, heads, ...]`` operand in the default layout
+    (``sharding.DEFAULT_RULES``): rows over the ``data`` and ``fsdp`` axes, heads over
+    ``tensor``, each named mesh axis only while it divides the dimension."""
+    from jax.sharding import PartitionSpec as P
+
+    from vcppo_jax import sharding
+
+    def split(dim, names):  # The named mesh axes, in order, while they divide ``dim``.
+        axes, n = [], 1
+        for name in names:
+            size = mesh.shape.get(name, 1)
+            if size > 1 and dim % (n * size) == 0:
+                axes.append(name)
+                n *= size
+        return tuple(axes) or None
+
+    row_axes = sharding.batch_axes(sharding.DEFAULT_RULES)
+    kv = dict(sharding.DEFAULT_RULES)["kv_heads"]
+    head_axes = (kv,) if isinstance(kv, str) else tuple(kv or ())
+    return P(split(rows, row_axes), split(heads, head_axes))
+
+
+def _alike(*xs, heads_axis: int):
+    """Under a mesh of several devices (``jax.set_mesh``), ``xs`` constrained to one layout
+    (rows, and heads on ``heads_axis`` where the fewest heads divide, as
+    ``_row_and_head_spec``): cuDNN's partitioner takes query, key and value only when they
+    are sharded alike."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return xs
+    spec = _row_and_head_spec(mesh, xs[0].shape[0], min(x.shape[heads_axis] for x in xs))
+    spec = jax.sharding.PartitionSpec(*(spec[0], *([None] * (heads_axis - 1)), spec[1]))
+    return tuple(jax.lax.with_sharding_constraint(x, spec) for x in xs)
+
+
 def cudnn(q, k, v):
     """cuDNN's fused causal attention (queries and keys at the same positions, slot = position)."""
     b, kvh, g, t, d = q.shape
     qh = jnp.moveaxis(q.reshape(b, kvh * g, t, d), 2, 1)  # [B, T, H, D]
     kh, vh = jnp.moveaxis(k, 2, 1), jnp.moveaxis(v, 2, 1)  # [B, S, Hkv, D]
+    qh, kh, vh = _alike(qh, kh, vh, heads_axis=2)
     out = jax.nn.dot_product_attention(qh, kh, vh, is_causal=True, implementation="cudnn")
     return jnp.moveaxis(out, 1, 2).reshape(b, kvh, g, t, d)
 
@@ -223,10 +260,13 @@ def cudnn_cached(q, k_cache, v_cache, kv_len, causal: bool):
     kv_len = kv_len.astype(jnp.int32)
     q_len = jnp.full((b,), t, jnp.int32)
     mask = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
+    qh, kh, vh = _alike(
+        q.reshape(b, kvh * g, t, d), k_cache.astype(q.dtype), v_cache.astype(q.dtype), heads_axis=1
+    )
     out = fa.dot_product_attention(
-        q.reshape(b, kvh * g, t, d),
-        k_cache.astype(q.dtype),
-        v_cache.astype(q.dtype),
+        qh,
+        kh,
+        vh,
         q_seqlen=q_len,
         kv_seqlen=kv_len,
         scale=1.0 / math.sqrt(d),
@@ -260,25 +300,7 @@ def splash(q, k, v, *, block: int = SPLASH_BLOCK, interpret: bool = False):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return _splash_local(q, k, v, block, interpret)
-    from jax.sharding import PartitionSpec as P
-
-    from vcppo_jax import sharding
-
-    # The default layout's mesh axes of batch rows and of key heads.
-    row_axes = sharding.batch_axes(sharding.DEFAULT_RULES)
-    kv = dict(sharding.DEFAULT_RULES)["kv_heads"]
-    head_axes = (kv,) if isinstance(kv, str) else tuple(kv or ())
-
-    def split(dim, names):  # The named mesh axes, in order, while they divide ``dim``.
-        axes, n = [], 1
-        for name in names:
-            size = mesh.shape.get(name, 1)
-            if size > 1 and dim % (n * size) == 0:
-                axes.append(name)
-                n *= size
-        return tuple(axes) or None
-
-    spec = P(split(q.shape[0], row_axes), split(q.shape[1], head_axes))
+    spec = _row_and_head_spec(mesh, q.shape[0], q.shape[1])
     local = functools.partial(_splash_local, block=block, interpret=interpret)
     # A mesh axis that splits neither leaves the kernel's work repeated on its devices.
     return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
