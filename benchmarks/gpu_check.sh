@@ -3,11 +3,18 @@
 # call and 15 minutes of device time a session, starts included): each part fits one call with
 # room to spare, and each step writes under $OUT as it goes, so what finished survives a limit.
 #
+#   OUT=/tmp/gpu bash benchmarks/gpu_check.sh essentials  # one call for a short loan: ~9 min
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh kernels   # default; ~9 min at most
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh suite     # needs the wheels (.whl, carried)
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh small     # needs the wheels (.whl, carried)
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh decode    # ~6 min at most
 #
+# essentials: the one call to make when a session's device time allows only one: in order of
+#   what the open issue needs most, each step cut short rather than the whole: the attention
+#   tests (cuDNN, also over a KV cache), the decode benchmark at the 0.5B shape beside
+#   transformers' static cache, the training benchmark at the 1.5B shape and 8K tokens (the MFU
+#   target), then `small` end to end for the time left (SIGTERM: it checkpoints and its partial
+#   metrics come back). Needs the wheels (.whl, carried) for `small`.
 # kernels: the attention tests on the GPU (cuDNN against the reference, blockwise there too);
 #   benchmarks/train.py at the Qwen2.5-0.5B shape ([8, 2048], [2, 8192], [1, 32768]) beside
 #   `xla`, and the 1.5B shape at [2, 8192], bf16, remat full, `auto` attention (cuDNN);
@@ -34,6 +41,18 @@ if [ -d .whl ]; then
     --target /tmp/site .whl/*.whl > "$OUT/wheels.txt" 2>&1 && export PYTHONPATH=/tmp/site:$PWD
 fi
 case "$PART" in
+  essentials)
+    JAX_PLATFORMS=cuda timeout 90 $PY -m pytest -q -rs -p no:cacheprovider tests/test_attention.py \
+      > "$OUT/test_attention.txt" 2>&1
+    timeout 100 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
+      --prompt 128 --new 512 --peers static --repeats 2 \
+      --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" > "$OUT/sampling.log" 2>&1
+    timeout 100 $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
+      --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
+    timeout 230 $PY -m vcppo_jax.main --config=configs/vcppo.py:small --workdir=/tmp/small \
+      > "$OUT/small.log" 2>&1
+    cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
+    ;;
   kernels)
     JAX_PLATFORMS=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py \
       > "$OUT/test_attention.txt" 2>&1
@@ -71,7 +90,7 @@ case "$PART" in
     cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
     ;;
   *)
-    echo "unknown part $PART: kernels, decode, suite or small" >&2
+    echo "unknown part $PART: essentials, kernels, decode, suite or small" >&2
     exit 2
     ;;
 esac
