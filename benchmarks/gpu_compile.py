@@ -5,7 +5,7 @@ GPU on a machine that has none.
     python -m benchmarks.gpu_compile [--target h100] [--parts train,decode] \\
         [--models qwen2.5-0.5b,qwen2.5-1.5b] [--shapes 8x2048,2x8192,1x32768] \\
         [--attention cudnn,blockwise,xla] [--decode 64x128x512]
-    python -m benchmarks.gpu_compile --parts config --config configs/vcppo.py:small
+    python -m benchmarks.gpu_compile --parts config --config configs/vcppo.py:small [--devices 8]
 
 JAX's CUDA plugin can compile for a GPU described by a target configuration (the device's
 compute capability, core count, memory and bandwidth; ``TARGETS``) without a GPU or a driver.
@@ -17,7 +17,8 @@ every figure here is the compiler's plan, not a measurement of time:
   memory analysis (temporaries, arguments, outputs) and the number of cuDNN attention calls.
   Whether training memory grows linearly with T is read off the temporaries.
 - ``config``: an experiment config's (``--config path:VARIANT``) actor and critic updates of
-  one minibatch and its decode loop of one rollout batch, on one device, with
+  one minibatch and its decode loop of one rollout batch, on ``--devices`` GPUs under the
+  config's own mesh and logical-axis rules (memory per device), with
   ``experiments/memory_plan.py``'s plan for the same config beside them.
 - ``decode``: ``sampling.decode`` at ``batch x prompt x new`` (greedy, bf16): the kernels one
   generated token launches (the loop body's fusions, library calls and copies, by the part of
@@ -129,8 +130,8 @@ def while_loops(hlo: str) -> list[tuple[str, str]]:
 
 def target_mesh(target: str, sizes: dict | None = None):
     """A mesh (axes ``data``, ``fsdp``, ``tensor``) of target GPUs made by the CUDA plugin
-    without a device: one device, or ``sizes`` as a config's ``mesh`` gives them (``-1``:
-    the rest), hosts of 8 GPUs."""
+    without a device: one device, or ``sizes`` (every axis given, as ``sharding.mesh_shape``
+    resolves a config's ``mesh``), in hosts of up to 8 GPUs."""
     import jax
     import numpy as np
     from jax.experimental import topologies
