@@ -25,6 +25,8 @@ every figure here is the compiler's plan, not a measurement of time:
   the model they come from) and the loop condition's. A decode step that launches hundreds of
   small kernels is bound by launching them, whatever its bytes.
 
+``XLA_FLAGS`` apply as in a run (the config part records them with its results).
+
 Writes ``benchmarks/results/compiled_<target>.json`` after each program, and resumes from it:
 a program already in the file is not compiled again (decode is always recompiled).
 """
@@ -304,8 +306,9 @@ def config_programs(target: str, spec: str, devices: int = 1, prompt_budget=None
     from vcppo_jax.models import attention as attention_lib
 
     config = memory_plan.load_config(spec)
-    model = memory_plan.model_shape(config)
-    model = model.replace(attention=attention_lib.resolve(model.attention, "gpu", model.dtype))
+    model = memory_plan.model_shape(config)  # A checkpoint's shape, or the config's own.
+    kind = attention_lib.resolve(config.model.attention, "gpu", model.dtype)
+    model = model.replace(attention=kind, remat=config.model.remat)
     sizes = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
     mesh = target_mesh(target, sizes)
     rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -398,7 +401,10 @@ def main() -> None:
             print(f"[compile] decode {key}: {r}", flush=True)
     if "config" in parts:
         r = config_programs(args.target, args.config, args.devices, args.prompt_budget)
-        report.setdefault("config", {})[f"{args.config} on {args.devices}"] = r
+        xla_flags = os.environ.get("XLA_FLAGS", "").strip()
+        r["xla_flags"] = xla_flags
+        key = f"{args.config} on {args.devices}" + (f" with {xla_flags}" if xla_flags else "")
+        report.setdefault("config", {})[key] = r
         for name in ("actor", "critic", "decode"):
             gib = {k: round(v / 2**30, 3) for k, v in r[name].items() if k.endswith("bytes")}
             print(f"[compile] {args.config} {name}: {gib}", flush=True)
