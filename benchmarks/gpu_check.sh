@@ -49,8 +49,8 @@ case "$PART" in
       --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" > "$OUT/sampling.log" 2>&1
     timeout 100 $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
       --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
-    timeout 230 $PY -m vcppo_jax.main --config=configs/vcppo.py:small --workdir=/tmp/small \
-      > "$OUT/small.log" 2>&1
+    timeout -k 20 190 $PY -m vcppo_jax.main --config=configs/vcppo.py:small \
+      --workdir=/tmp/small > "$OUT/small.log" 2>&1
     cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
     ;;
   kernels)

@@ -28,7 +28,8 @@ every figure here is the compiler's plan, not a measurement of time:
 ``XLA_FLAGS`` apply as in a run (the config part records them with its results).
 
 Writes ``benchmarks/results/compiled_<target>.json`` after each program, and resumes from it:
-a program already in the file is not compiled again (decode is always recompiled).
+a training program already in the file is not compiled again (the decode and config parts
+always are).
 """
 
 from __future__ import annotations
@@ -114,11 +115,13 @@ def _part(line: str) -> str:
 
 def kernels(lines: list[str]) -> collections.Counter:
     """Kernels one run of a computation launches, by model part: every instruction but those
-    in ``_NO_KERNEL`` (after fusion, each fusion, library call or copy is one launch)."""
+    in ``_NO_KERNEL`` (after fusion, each fusion, library call or copy is one launch); an
+    asynchronous pair (``all-gather-start`` / ``-done``) counts once, at its start. A
+    ``call`` (a command buffer, say) counts as one launch, not its contents."""
     out: collections.Counter = collections.Counter()
     for line in lines:
         m = _INSTRUCTION.match(line)
-        if m and m.group(2) not in _NO_KERNEL:
+        if m and m.group(2) not in _NO_KERNEL and not m.group(2).endswith("-done"):
             out[_part(line)] += 1
     return out
 
@@ -289,7 +292,10 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
             2,
         ),
         "condition_kernels": sum(kernels(comps[condition]).values()),
-        "floor_bytes_per_token_step": decode_bytes_per_step(config, batch, prompt + new / 2),
+        # Over all devices: the weights once and the whole batch's cache at the mean length.
+        "floor_bytes_per_token_step_all_devices": decode_bytes_per_step(
+            config, batch, prompt + new / 2
+        ),
         "compiled_temp_bytes": int(mem.temp_size_in_bytes),
         "compiled_argument_bytes": int(mem.argument_size_in_bytes),
     }
@@ -377,7 +383,7 @@ def main() -> None:
             raise SystemExit(
                 f"{out} holds results for {earlier.get('target')}, not {report['target']}"
             )
-        report.update(earlier)
+        report.update({k: v for k, v in earlier.items() if k != "jax"})
     for model in args.models.split(",") if "train" in parts else []:
         for b, t in shapes:
             for head, update in (("lm", "actor"), ("value", "critic")):

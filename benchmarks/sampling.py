@@ -43,6 +43,7 @@ from benchmarks.report import write_report
 from benchmarks.train import SHAPES, matmul_params
 from vcppo_jax import models, sampling
 from vcppo_jax.models import ModelConfig, hf
+from vcppo_jax.models import attention as attention_lib
 
 MODELS = {
     "bench100m": dict(
@@ -191,7 +192,7 @@ def main() -> None:
         "--attention",
         default="auto",
         choices=("auto", "xla", "cudnn"),
-        help="attention of the prompt pass and the decode steps (auto: cudnn on a GPU, else xla)",
+        help="prompt pass and decode attention (auto: cudnn on a GPU in bf16, else xla)",
     )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt", type=int, default=64)
@@ -207,9 +208,13 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    attention = {"auto": "cudnn" if jax.default_backend() == "gpu" else "xla"}.get(
-        args.attention, args.attention
-    )
+    # Decode steps attend through cuDNN or through XLA's products (blockwise and splash
+    # change only the prompt pass): auto is cuDNN where it can run (a GPU, bf16 or fp16).
+    if args.attention == "auto":
+        attention = "cudnn" if attention_lib.resolve("auto", dtype=args.dtype) == "cudnn" else "xla"
+    else:
+        attention = args.attention
+        attention_lib.check_available(attention, args.dtype)
     config = bench_config(args.model, args.dtype, attention)
     # Initialised (and exported for the peers) in float32, then cast: the same weights in both.
     config32 = config.replace(dtype="float32", param_dtype="float32")

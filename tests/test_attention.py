@@ -289,6 +289,14 @@ def test_cudnn_operands_are_laid_out_alike_under_a_mesh():
     with jax.set_mesh(mesh):
         out = f(q, k2, k2)
     assert {first_two(x) for x in out} == {("data", None)}
+    # The training layout [B, T, H, D] (heads on axis 2), and per-row lengths split as rows.
+    qt, kt = jnp.zeros((4, 32, 8, 16)), jnp.zeros((4, 32, 4, 16))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda *a: attention._alike(*a[:3], heads_axis=2, lengths=a[3:]))(
+            qt, kt, kt, jnp.zeros((4,), jnp.int32)
+        )
+    assert {tuple(x.sharding.spec) for x in out[:3]} == {("data", None, "tensor")}
+    assert out[3].sharding.spec == P("data")
 
 
 def test_splash_block_must_fill_the_lanes():

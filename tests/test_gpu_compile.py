@@ -52,9 +52,11 @@ def test_instructions_that_launch_nothing_are_not_counted():
         "  %b = f32[2,2]{1,0} bitcast(%p)",
         "  %g = f32[4]{0} get-tuple-element(%t), index=0",
         '  %f = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="a/layers_0/mlp/mul"}',
+        '  %s = f32[8]{0} all-gather-start(%f), metadata={op_name="a/layers_0/attn/x"}',
+        '  %d = f32[8]{0} all-gather-done(%s), metadata={op_name="a/layers_0/attn/x"}',
         '  ROOT %k = f32[4]{0} custom-call(%f), metadata={op_name="a/layers_0/attn/dot"}',
     ]
-    assert gpu_compile.kernels(lines) == {"mlp": 1, "attention": 1}
+    assert gpu_compile.kernels(lines) == {"mlp": 1, "attention": 2}  # An async pair is one.
 
 
 def test_targets():

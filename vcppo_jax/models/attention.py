@@ -223,17 +223,22 @@ def _row_and_head_spec(mesh, rows: int, heads: int):
     return P(split(rows, row_axes), split(heads, head_axes))
 
 
-def _alike(*xs, heads_axis: int):
+def _alike(*xs, heads_axis: int, lengths=()):
     """Under a mesh of several devices (``jax.set_mesh``), ``xs`` constrained to one layout
     (rows, and heads on ``heads_axis`` where the fewest heads divide, as
-    ``_row_and_head_spec``): cuDNN's partitioner takes query, key and value only when they
-    are sharded alike."""
+    ``_row_and_head_spec``), and the per-row ``lengths`` split as the rows: cuDNN's
+    partitioner takes query, key and value only when they are sharded alike, and hands each
+    shard the lengths as they arrive. Returns ``xs + lengths``."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
-        return xs
+        return (*xs, *lengths)
     spec = _row_and_head_spec(mesh, xs[0].shape[0], min(x.shape[heads_axis] for x in xs))
+    rows = jax.sharding.PartitionSpec(spec[0])
     spec = jax.sharding.PartitionSpec(*(spec[0], *([None] * (heads_axis - 1)), spec[1]))
-    return tuple(jax.lax.with_sharding_constraint(x, spec) for x in xs)
+    return (
+        *(jax.lax.with_sharding_constraint(x, spec) for x in xs),
+        *(jax.lax.with_sharding_constraint(n, rows) for n in lengths),
+    )
 
 
 def cudnn(q, k, v):
@@ -250,7 +255,8 @@ def cudnn_cached(q, k_cache, v_cache, kv_len, causal: bool):
     """cuDNN's fused attention of ``q [B, Hkv, G, T, D]`` over the caches ``[B, Hkv, S, D]``,
     where row b sees its first ``kv_len[b]`` slots (the slots after them are masked, whatever
     they hold). ``causal=False``: one query per row, at slot ``kv_len - 1`` (a decode step);
-    ``causal=True``: the queries sit at slots 0..T-1 (the prompt pass), query t sees slots <= t.
+    ``causal=True``: the queries sit at slots 0..T-1 (the prompt pass, which always starts at
+    slot 0), query t sees slots <= t.
     Query head ``k * G + g`` reads key head ``k``, as in the model."""
     from jax._src.cudnn import fused_attention_stablehlo as fa
 
@@ -260,8 +266,12 @@ def cudnn_cached(q, k_cache, v_cache, kv_len, causal: bool):
     kv_len = kv_len.astype(jnp.int32)
     q_len = jnp.full((b,), t, jnp.int32)
     mask = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
-    qh, kh, vh = _alike(
-        q.reshape(b, kvh * g, t, d), k_cache.astype(q.dtype), v_cache.astype(q.dtype), heads_axis=1
+    qh, kh, vh, q_len, kv_len = _alike(
+        q.reshape(b, kvh * g, t, d),
+        k_cache.astype(q.dtype),
+        v_cache.astype(q.dtype),
+        heads_axis=1,
+        lengths=(q_len, kv_len),
     )
     out = fa.dot_product_attention(
         qh,
