@@ -40,32 +40,40 @@ if [ -d .whl ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl > "$OUT/wheels.txt" 2>&1 && export PYTHONPATH=/tmp/site:$PWD
 fi
+# The steps the parts share, each with its own time limit (seconds) as the first argument.
+# The decode benchmark's shape: Qwen2.5-0.5B in bf16, greedy, batch 64, prompt 128.
+DECODE="$PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 --prompt 128"
+attention_tests() {
+  JAX_PLATFORMS=cuda timeout "$1" $PY -m pytest -q -rs -p no:cacheprovider \
+    tests/test_attention.py > "$OUT/test_attention.txt" 2>&1
+}
+train_15b_8k() {
+  timeout "$1" $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
+    --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
+}
+small_run() {  # SIGTERM at the limit: the runner checkpoints; its partial metrics come back.
+  timeout -k 20 "$1" $PY -m vcppo_jax.main --config=configs/vcppo.py:small \
+    --workdir=/tmp/small > "$OUT/small.log" 2>&1
+  cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
+}
 case "$PART" in
   essentials)
-    JAX_PLATFORMS=cuda timeout 90 $PY -m pytest -q -rs -p no:cacheprovider tests/test_attention.py \
-      > "$OUT/test_attention.txt" 2>&1
-    timeout 100 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
-      --prompt 128 --new 512 --peers static --repeats 2 \
+    attention_tests 90
+    timeout 100 $DECODE --new 512 --peers static --repeats 2 \
       --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" > "$OUT/sampling.log" 2>&1
-    timeout 100 $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
-      --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
-    timeout -k 20 190 $PY -m vcppo_jax.main --config=configs/vcppo.py:small \
-      --workdir=/tmp/small > "$OUT/small.log" 2>&1
-    cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
+    train_15b_8k 100
+    small_run 190
     ;;
   kernels)
-    JAX_PLATFORMS=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_attention.py \
-      > "$OUT/test_attention.txt" 2>&1
+    attention_tests 120
     timeout 200 $PY -m benchmarks.train --model qwen2.5-0.5b --shapes 8x2048,2x8192,1x32768 \
       --out "$OUT/train_gpu_qwen2.5-0.5b.json" > "$OUT/train_0.5b.log" 2>&1
-    timeout 120 $PY -m benchmarks.train --model qwen2.5-1.5b --shapes 2x8192 --peer "" \
-      --out "$OUT/train_gpu_qwen2.5-1.5b.json" > "$OUT/train_1.5b.log" 2>&1
-    timeout 120 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
-      --prompt 128 --new 512 --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" > "$OUT/sampling.log" 2>&1
+    train_15b_8k 120
+    timeout 120 $DECODE --new 512 --out "$OUT/sampling_gpu_qwen2.5-0.5b.json" \
+      > "$OUT/sampling.log" 2>&1
     ;;
   decode)
-    S="$PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 --prompt 128 \
-      --new 512 --peers= --repeats 2"
+    S="$DECODE --new 512 --peers= --repeats 2"
     ALL=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
     for attn in cudnn xla; do
       timeout 60 $S --attention $attn --out "$OUT/decode_${attn}_default.json" \
@@ -76,8 +84,7 @@ case "$PART" in
         timeout 60 $S --attention $attn --out "$OUT/decode_${attn}_loop_graph.json" \
         > "$OUT/decode_${attn}_loop_graph.log" 2>&1
     done
-    timeout 60 $PY -m benchmarks.sampling --model qwen2.5-0.5b --dtype bfloat16 --batch 64 \
-      --prompt 128 --new 64 --peers= --repeats 1 --attention cudnn --profile "$OUT/trace" \
+    timeout 60 $DECODE --new 64 --peers= --repeats 1 --attention cudnn --profile "$OUT/trace" \
       --out "$OUT/decode_profiled.json" > "$OUT/decode_profiled.log" 2>&1
     ;;
   suite)
@@ -85,9 +92,7 @@ case "$PART" in
       > "$OUT/suite.txt" 2>&1
     ;;
   small)
-    timeout 540 $PY -m vcppo_jax.main --config=configs/vcppo.py:small --workdir=/tmp/small \
-      > "$OUT/small.log" 2>&1
-    cp /tmp/small/metrics.jsonl /tmp/small/config.json "$OUT/" 2>/dev/null
+    small_run 540
     ;;
   *)
     echo "unknown part $PART: essentials, kernels, decode, suite or small" >&2

@@ -166,6 +166,28 @@ def target_mesh(target: str, sizes: dict | None = None):
     return jax.sharding.Mesh(devices, sharding.MESH_AXES, axis_types=axis_types)
 
 
+def _placed(tree, shardings):
+    """Shapes of ``tree`` placed by the matching tree of ``shardings``, or by one sharding."""
+    import jax
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def _rows(mesh, rules, shape, dtype):
+    """A ``[B, ...]`` input's shape, split by rows as a run splits its batch."""
+    import jax
+
+    from vcppo_jax import sharding
+
+    return jax.ShapeDtypeStruct(
+        shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape))
+    )
+
+
 def _abstract_state(config, head: str, mesh, rules):
     """The train state of ``config``'s actor (``head="lm"``) or critic as shapes placed as a
     run places them: parameters by the logical-axis ``rules``, Adam's moments as their
@@ -181,13 +203,10 @@ def _abstract_state(config, head: str, mesh, rules):
         lambda p: train_state.TrainState.create(p, train_state.make_optimizer(1e-5)), shapes
     )
     adam = state.opt_state[1][0]  # After clipping: optax's Adam state (count, mu, nu).
-    on = lambda tree, sh: jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh
-    )
-    rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), state)
-    adam = rest.opt_state[1][0]._replace(mu=on(adam.mu, placed), nu=on(adam.nu, placed))
+    rest = _placed(state, whole)
+    adam = rest.opt_state[1][0]._replace(mu=_placed(adam.mu, placed), nu=_placed(adam.nu, placed))
     opt = (rest.opt_state[0], (adam, *rest.opt_state[1][1:]), *rest.opt_state[2:])
-    return rest.replace(params=on(state.params, placed), opt_state=opt)
+    return rest.replace(params=_placed(state.params, placed), opt_state=opt)
 
 
 def shape_config(model: str, attention: str):
@@ -211,9 +230,7 @@ def train_memory(mesh, config, b: int, t: int, head: str, rules=None) -> dict:
     rules = rules or sharding.DEFAULT_RULES
     state = _abstract_state(config, head, mesh, rules)
     n = t - 1
-    arg = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape))
-    )
+    arg = lambda shape, dtype: _rows(mesh, rules, shape, dtype)
     batch = (arg((b, t), jnp.int32), arg((b, n), jnp.int32), arg((b, n), jnp.float32))
     f32 = arg((b, n), jnp.float32)
     if head == "lm":
@@ -252,12 +269,7 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
     rules = rules or sharding.DEFAULT_RULES
     shapes, specs = models.abstract_params(config, "lm")
     placed = sharding.param_shardings(specs, mesh, rules, shapes)
-    params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, placed
-    )
-    rows = lambda shape, dtype: jax.ShapeDtypeStruct(
-        shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape))
-    )
+    params = _placed(shapes, placed)
     key = jax.eval_shape(lambda: jax.random.key(0))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sp = sampling.SamplingParams(max_new_tokens=new, temperature=0.0)
@@ -265,16 +277,12 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
         first = sampling.prefill.lower(
             config,
             params,
-            rows((batch, prompt), jnp.int32),
-            rows((batch,), jnp.int32),
+            _rows(mesh, rules, (batch, prompt), jnp.int32),
+            _rows(mesh, rules, (batch,), jnp.int32),
             sp,
-            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=whole),
+            _placed(key, whole),
         ).compile()
-        state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            first.out_info,
-            first.output_shardings,
-        )
+        state = _placed(first.out_info, first.output_shardings)
         compiled = sampling.decode.lower(config, params, state, sp).compile()
     hlo = compiled.as_text()
     comps = computations(hlo)
@@ -319,7 +327,7 @@ def config_programs(target: str, spec: str, devices: int = 1, prompt_budget=None
     mesh = target_mesh(target, sizes)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     plan = memory_plan.plan(config, devices, "gpu", prompt_budget)
-    budget = prompt_budget or (1024 if config.model.hf_path else 256)
+    budget = prompt_budget or memory_plan.default_prompt_budget(config)
     rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
     minibatch = max(1, rows // config.ppo.minibatches)
     new, t = config.rollout.max_new_tokens, budget + config.rollout.max_new_tokens

@@ -87,6 +87,12 @@ def model_shape(config) -> ModelConfig:
     return ModelConfig.from_fields(m, config.data.tokenizer_vocab_size)
 
 
+def default_prompt_budget(config) -> int:
+    """Prompt tokens counted per sequence: 1024 for a checkpoint's prompts, 256 for the
+    synthetic task's."""
+    return 1024 if config.model.hf_path else 256
+
+
 def plan(
     config, devices: int, backend: str = "gpu", prompt_budget: int | None = None
 ) -> dict[str, float]:
@@ -95,7 +101,7 @@ def plan(
     the synthetic task's)."""
     mcfg = model_shape(config)
     if prompt_budget is None:
-        prompt_budget = 1024 if config.model.hf_path else 256
+        prompt_budget = default_prompt_budget(config)
     abytes = jnp.dtype(mcfg.dtype).itemsize
     mesh_shape = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
     rules = tuple(tuple(r) for r in config.mesh.rules)
