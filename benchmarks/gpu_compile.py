@@ -6,6 +6,8 @@ GPU on a machine that has none.
         [--models qwen2.5-0.5b,qwen2.5-1.5b] [--shapes 8x2048,2x8192,1x32768] \\
         [--attention cudnn,blockwise,xla] [--decode 64x128x512]
     python -m benchmarks.gpu_compile --parts config --config configs/vcppo.py:small [--devices 8]
+    python -m benchmarks.gpu_compile --parts config --config configs/vcppo.py:qwen2.5-32b \
+        --devices 256 [--layers 8]
 
 JAX's CUDA plugin can compile for a GPU described by a target configuration (the device's
 compute capability, core count, memory and bandwidth; ``TARGETS``) without a GPU or a driver.
@@ -309,12 +311,15 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
     }
 
 
-def config_programs(target: str, spec: str, devices: int = 1, prompt_budget=None) -> dict:
+def config_programs(
+    target: str, spec: str, devices: int = 1, prompt_budget=None, layers: int | None = None
+) -> dict:
     """An experiment config's (``path:VARIANT``) largest programs on ``devices`` target GPUs,
     under the config's mesh and rules, beside ``experiments/memory_plan.py``'s plan for it:
     the actor and critic updates of one minibatch and the decode loop of one rollout batch,
     prompts of ``prompt_budget`` tokens (the plan's default) and ``rollout.max_new_tokens``
-    new ones. Memory is per device."""
+    new ones. Memory is per device. ``layers``: the model cut to that many layers (a quick
+    compile that shows how memory grows per layer; no plan beside it)."""
     from experiments import memory_plan
     from vcppo_jax import sharding
     from vcppo_jax.models import attention as attention_lib
@@ -323,10 +328,12 @@ def config_programs(target: str, spec: str, devices: int = 1, prompt_budget=None
     model = memory_plan.model_shape(config)  # A checkpoint's shape, or the config's own.
     kind = attention_lib.resolve(config.model.attention, "gpu", model.dtype)
     model = model.replace(attention=kind, remat=config.model.remat)
+    if layers:
+        model = model.replace(num_layers=layers)
     sizes = sharding.mesh_shape({a: config.mesh[a] for a in sharding.MESH_AXES}, devices)
     mesh = target_mesh(target, sizes)
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    plan = memory_plan.plan(config, devices, "gpu", prompt_budget)
+    plan = None if layers else memory_plan.plan(config, devices, "gpu", prompt_budget)
     budget = prompt_budget or memory_plan.default_prompt_budget(config)
     rows = config.rollout.prompts_per_step * config.rollout.samples_per_prompt
     minibatch = max(1, rows // config.ppo.minibatches)
@@ -336,7 +343,10 @@ def config_programs(target: str, spec: str, devices: int = 1, prompt_budget=None
         "mesh": sizes,
         "minibatch": [minibatch, t],
         "rollout": [rows, budget, new],
-        "plan_bytes": {k: int(v) for k, v in plan.items() if not k.startswith("_")},
+        "layers": model.num_layers,
+        "plan_bytes": None
+        if layers
+        else {k: int(v) for k, v in plan.items() if not k.startswith("_")},
         "actor": train_memory(mesh, model, minibatch, t, "lm", rules),
         "critic": train_memory(mesh, model, minibatch, t, "value", rules),
         "decode": decode_kernels(mesh, model, rows, budget, new, rules),
@@ -356,6 +366,9 @@ def main() -> None:
     )
     parser.add_argument("--devices", type=int, default=1, help="the config part's GPUs")
     parser.add_argument("--prompt_budget", type=int, default=None, help="the config part's")
+    parser.add_argument(
+        "--layers", type=int, default=None, help="the config part's model cut to N layers"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     parts = [p for p in args.parts.split(",") if p]
@@ -414,10 +427,13 @@ def main() -> None:
             report.setdefault("decode", {})[key] = r
             print(f"[compile] decode {key}: {r}", flush=True)
     if "config" in parts:
-        r = config_programs(args.target, args.config, args.devices, args.prompt_budget)
+        r = config_programs(args.target, args.config, args.devices, args.prompt_budget, args.layers)
         xla_flags = os.environ.get("XLA_FLAGS", "").strip()
         r["xla_flags"] = xla_flags
-        key = f"{args.config} on {args.devices}" + (f" with {xla_flags}" if xla_flags else "")
+        key = f"{args.config} on {args.devices}" + (
+            f", {args.layers} layers" if args.layers else ""
+        )
+        key += f" with {xla_flags}" if xla_flags else ""
         report.setdefault("config", {})[key] = r
         for name in ("actor", "critic", "decode"):
             gib = {k: round(v / 2**30, 3) for k, v in r[name].items() if k.endswith("bytes")}
