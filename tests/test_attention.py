@@ -201,9 +201,42 @@ def test_cudnn_cached_wiring_against_the_reference_with_an_emulated_kernel(monke
         attention.cudnn_cached(q, k, v, kv_len, causal=False)
 
 
+def test_cudnn_cached_public_path_against_the_reference():
+    """The path taken where JAX's private wrapper changed: the public API, here with its XLA
+    implementation (on a GPU the same call with ``cudnn``, tested below)."""
+    for q, k, v, kv_len, causal, q_pos in _cached_cases(jnp.float32):
+        got = attention.cudnn_cached(q, k, v, kv_len, causal=causal, implementation="xla")
+        k_pos = jnp.broadcast_to(jnp.arange(k.shape[2]), (q.shape[0], k.shape[2]))
+        want = _numpy_attention(q, k, v, np.asarray(q_pos), np.asarray(k_pos))
+        np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_a_changed_private_cudnn_wrapper_is_detected_with_a_warning(monkeypatch):
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    assert attention.private_cudnn_api() is fa  # This JAX's wrapper takes what is passed.
+
+    def moved(query, key, value, *, scale, mask_type):  # No lengths, no layout.
+        raise AssertionError("must not be called")
+
+    monkeypatch.setattr(fa, "dot_product_attention", moved)
+    attention.private_cudnn_api.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"lacks \['q_seqlen', 'kv_seqlen', 'qkv_layout'\]"):
+            assert attention.private_cudnn_api() is None
+    finally:
+        attention.private_cudnn_api.cache_clear()
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's kernel needs an NVIDIA GPU")
-def test_cudnn_cached_matches_reference_on_a_gpu():
-    """The real kernel, decode step and prompt pass over a cache, bf16."""
+@pytest.mark.parametrize("wrapper", ["private", "public"])
+def test_cudnn_cached_matches_reference_on_a_gpu(wrapper, monkeypatch):
+    """The real kernel, decode step and prompt pass over a cache, bf16, through JAX's private
+    wrapper (the cache's layout) and through the public API (the fallback)."""
+    if wrapper == "public":
+        monkeypatch.setattr(attention, "private_cudnn_api", lambda: None)
+    elif attention.private_cudnn_api() is None:
+        pytest.fail(f"jax {jax.__version__}'s private cuDNN wrapper changed: see the warning")
     for q, k, v, kv_len, causal, q_pos in _cached_cases(jnp.bfloat16, d=64):
         got = attention.cudnn_cached(q, k, v, kv_len, causal=causal)
         k_pos = jnp.broadcast_to(jnp.arange(k.shape[2]), (q.shape[0], k.shape[2]))

@@ -251,27 +251,62 @@ def cudnn(q, k, v):
     return jnp.moveaxis(out, 1, 2).reshape(b, kvh, g, t, d)
 
 
-def cudnn_cached(q, k_cache, v_cache, kv_len, causal: bool):
+# What ``cudnn_cached`` hands JAX's own cuDNN wrapper (a private module: its BNTH layout and
+# per-row lengths are what the public ``jax.nn.dot_product_attention`` lacks).
+_PRIVATE_PARAMS = ("q_seqlen", "kv_seqlen", "scale", "mask_type", "qkv_layout")
+
+
+@functools.cache
+def private_cudnn_api():
+    """JAX's private cuDNN attention module when it takes what ``cudnn_cached`` passes (BNTH
+    layout, per-row lengths, padding masks); None when this JAX version moved or changed it,
+    and then ``cudnn_cached`` goes through the public ``jax.nn.dot_product_attention`` with the
+    cache transposed, after one warning. Checked once per process."""
+    import inspect
+    import warnings
+
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fa
+
+        params = inspect.signature(fa.dot_product_attention).parameters
+        missing = [n for n in _PRIVATE_PARAMS if n not in params]
+        missing += [m for m in ("PADDING", "PADDING_CAUSAL") if not hasattr(fa.MaskType, m)]
+    except (ImportError, AttributeError, TypeError, ValueError) as e:
+        fa, missing = None, [f"{type(e).__name__}: {e}"]
+    if not missing:
+        return fa
+    warnings.warn(
+        f"jax {jax.__version__}: its private cuDNN attention wrapper lacks {missing}; decoding "
+        f"uses the public jax.nn.dot_product_attention, which transposes the KV cache at each "
+        f"step (correct, slower)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return None
+
+
+def cudnn_cached(q, k_cache, v_cache, kv_len, causal: bool, implementation: str = "cudnn"):
     """cuDNN's fused attention of ``q [B, Hkv, G, T, D]`` over the caches ``[B, Hkv, S, D]``,
     where row b sees its first ``kv_len[b]`` slots (the slots after them are masked, whatever
     they hold). ``causal=False``: one query per row, at slot ``kv_len - 1`` (a decode step);
     ``causal=True``: the queries sit at slots 0..T-1 (the prompt pass, which always starts at
     slot 0), query t sees slots <= t.
-    Query head ``k * G + g`` reads key head ``k``, as in the model."""
-    from jax._src.cudnn import fused_attention_stablehlo as fa
-
+    Query head ``k * G + g`` reads key head ``k``, as in the model.
+    Through JAX's private wrapper in the cache's layout where it fits (``private_cudnn_api``),
+    else through the public API with ``implementation`` (``cudnn``; ``xla`` tests it on a
+    CPU)."""
     b, kvh, g, t, d = q.shape
     if not causal and t != 1:
         raise ValueError(f"without causal masking one query per row is expected; got T={t}")
     kv_len = kv_len.astype(jnp.int32)
     q_len = jnp.full((b,), t, jnp.int32)
+    k_cache, v_cache = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    fa = private_cudnn_api() if implementation == "cudnn" else None
+    if fa is None:
+        return _public_cached(q, k_cache, v_cache, q_len, kv_len, causal, implementation)
     mask = fa.MaskType.PADDING_CAUSAL if causal else fa.MaskType.PADDING
     qh, kh, vh, q_len, kv_len = _alike(
-        q.reshape(b, kvh * g, t, d),
-        k_cache.astype(q.dtype),
-        v_cache.astype(q.dtype),
-        heads_axis=1,
-        lengths=(q_len, kv_len),
+        q.reshape(b, kvh * g, t, d), k_cache, v_cache, heads_axis=1, lengths=(q_len, kv_len)
     )
     out = fa.dot_product_attention(
         qh,
@@ -284,6 +319,25 @@ def cudnn_cached(q, k_cache, v_cache, kv_len, causal: bool):
         qkv_layout="BNTH",
     )
     return out.reshape(b, kvh, g, t, d)
+
+
+def _public_cached(q, k_cache, v_cache, q_len, kv_len, causal, implementation):
+    """``cudnn_cached`` through ``jax.nn.dot_product_attention`` (``[B, T, N, D]`` layouts: the
+    cache is transposed; causal from the top left, as the prompt pass from slot 0 wants)."""
+    b, kvh, g, t, d = q.shape
+    qh = jnp.moveaxis(q.reshape(b, kvh * g, t, d), 1, 2)
+    kh, vh = jnp.moveaxis(k_cache, 1, 2), jnp.moveaxis(v_cache, 1, 2)
+    qh, kh, vh, q_len, kv_len = _alike(qh, kh, vh, heads_axis=2, lengths=(q_len, kv_len))
+    out = jax.nn.dot_product_attention(
+        qh,
+        kh,
+        vh,
+        is_causal=causal,
+        query_seq_lengths=q_len,
+        key_value_seq_lengths=kv_len,
+        implementation=implementation,
+    )
+    return jnp.moveaxis(out, 2, 1).reshape(b, kvh, g, t, d)
 
 
 def splash_interpret() -> bool:
