@@ -1,7 +1,8 @@
-"""Test set-up: simulated CPU devices (8 unless ``VCPPO_TEST_CPU_DEVICES`` says otherwise), the
-``slow`` marker, and ``multidevice(n)``: a test that needs ``n`` devices is skipped, with the
-reason, where the backend has fewer (one GPU, or a CPU run with fewer simulated devices); a
-compilation cache shared by the suite's processes."""
+"""Test set-up: simulated CPU devices (8 unless ``VCPPO_TEST_CPU_DEVICES`` says otherwise); on a
+GPU, full-precision float32 products and deterministic reductions; the ``slow`` marker; and
+``multidevice(n)``: a test that needs ``n`` devices is skipped, with the reason, where the
+backend has fewer (one GPU, or a CPU run with fewer simulated devices); a compilation cache
+shared by the suite's processes."""
 
 import os
 
@@ -12,6 +13,15 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={CPU_DEVICES}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# On a GPU (JAX_PLATFORMS=cuda), as environment variables so the runs the tests start as
+# subprocesses inherit them: float32 products in full precision (JAX's default there is
+# TF32, a 10-bit mantissa, which the references' tolerances are not written for);
+# deterministic reductions (no atomic scatter-adds), which the bit-for-bit resume tests need;
+# and no preallocation of 75% of the card by each of the suite's processes.
+if any(p in os.environ["JAX_PLATFORMS"] for p in ("cuda", "gpu")):
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ["XLA_FLAGS"] += " --xla_gpu_deterministic_ops=true"
 
 # One persistent compilation cache for the suite's processes (the xdist workers and every run
 # the runner tests start as a subprocess): the same smoke-sized programs are compiled once,

@@ -11,6 +11,12 @@ import pytest
 
 from vcppo_jax.models import attention
 
+# TPU interpret mode simulates the chip with host-side programs: a CPU test, skipped where the
+# suite runs on a GPU (slow there, and not what that run is for).
+interpret_mode = pytest.mark.skipif(
+    jax.default_backend() != "cpu", reason="TPU interpret mode: simulated on the CPU only"
+)
+
 
 def _inputs(b=2, kvh=2, g=3, t=37, s=37, d=8, offset=0, seed=0, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
@@ -110,6 +116,9 @@ def test_resolve():
     assert attention.resolve("auto", "gpu", "bfloat16") == "cudnn"
     assert attention.resolve("auto", "gpu", "float32") == "blockwise"  # cuDNN lacks float32.
     assert attention.resolve("cudnn", "gpu", "float32") == "cudnn"  # As asked (then refused).
+    assert attention.resolve("auto", "gpu", "bfloat16", head_dim=128) == "cudnn"
+    for d in (4, 12, 512):  # Heads cuDNN's kernel does not take.
+        assert attention.resolve("auto", "gpu", "bfloat16", head_dim=d) == "blockwise"
     assert attention.resolve("auto", "tpu") == "splash"
     assert attention.resolve("auto", "cpu") == "blockwise"
     assert attention.resolve("xla") == "xla"
@@ -122,8 +131,13 @@ def test_kernels_that_cannot_run_are_refused_with_the_cure():
         attention.check_available("cudnn", "bfloat16", "cpu")
     with pytest.raises(attention.BackendError, match="model.dtype is float32: set model.dtype"):
         attention.check_available("cudnn", "float32", "gpu")
+    with pytest.raises(
+        attention.BackendError, match="multiples of 8 up to 256, and the model's is 4"
+    ):
+        attention.check_available("cudnn", "bfloat16", "gpu", head_dim=4)
     with pytest.raises(attention.BackendError, match="model.attention='splash'"):
         attention.check_available("splash", "float32", "cpu")
+    attention.check_available("auto", "bfloat16", "gpu", head_dim=4)  # blockwise
     for name, dtype, backend in [
         ("auto", "float32", "gpu"),  # blockwise
         ("auto", "bfloat16", "gpu"),  # cudnn
@@ -148,8 +162,10 @@ def test_cudnn_matches_reference_on_a_gpu():
         lambda *a: jnp.sum(attention.reference(*a, q_pos, k_pos) * w).astype(jnp.float32),
         (0, 1, 2),
     )
-    for a, b in zip(g_cudnn(q, k, v), g_ref(q, k, v), strict=True):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=0.1)
+    for a, b in zip(g_cudnn(q, k, v), g_ref(q, k, v), strict=True):  # |dV| reaches ~8: bf16 ulps.
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), atol=0.1, rtol=2e-2
+        )
 
 
 def emulated_cudnn_attention(
@@ -251,6 +267,7 @@ def _causal(b, kvh, g, t, d, dtype=jnp.float32, seed=0):
     return q, k, v, pos
 
 
+@interpret_mode
 @pytest.mark.parametrize("t,block", [(200, 128), (128, 128)])
 def test_splash_matches_reference_outputs_and_gradients(t, block):
     """TPU interpret mode runs the kernel's own forward and backward Pallas programs on the CPU;
@@ -267,6 +284,7 @@ def test_splash_matches_reference_outputs_and_gradients(t, block):
         np.testing.assert_allclose(a, b, atol=5e-5)
 
 
+@interpret_mode
 def test_splash_bfloat16():
     q, k, v, pos = _causal(1, 2, 2, 128, 32, dtype=jnp.bfloat16)
     got = attention.splash(q, k, v, interpret=True)
@@ -275,6 +293,7 @@ def test_splash_bfloat16():
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2)
 
 
+@interpret_mode
 @pytest.mark.multidevice(8)
 def test_splash_runs_per_shard_under_a_mesh():
     """Under ``jax.set_mesh`` the kernel runs once per shard (rows over data, key heads over
@@ -338,6 +357,7 @@ def test_splash_block_must_fill_the_lanes():
         attention.splash(q, k, v, block=64, interpret=True)
 
 
+@interpret_mode
 def test_model_with_splash_attention(monkeypatch):
     """The model's training pass through splash (TPU interpret mode) gives the logits of the
     materialised reference; off a TPU without interpret mode, a clear error names the cure."""

@@ -77,7 +77,9 @@ def test_critic_step_fits_returns_and_actor_step_follows_advantages():
     actor, m = updates.actor_step(
         CFG, actor, tokens, positions, mask, old_logp, adv, old_logp, jnp.ones(3), settings
     )
-    assert float(m["actor/ratio_mean"]) == 1.0 and float(m["actor/clip_fraction"]) == 0.0
+    # One program scores, another updates: equal on a CPU, within ulps where reductions differ.
+    assert float(m["actor/ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(m["actor/clip_fraction"]) == 0.0
     new_logp = updates.score_rollout(CFG, actor.params, tokens, positions)
     gain = (new_logp - old_logp) * mask
     assert float(gain.sum()) > 0

@@ -69,3 +69,20 @@ def test_host_record_names_the_numerical_environment():
     digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:12]
     assert host["id"] == digest  # Any field that differs gives another id.
     assert host["cpu"] and len(host["cpu_flags"]) == 12
+
+
+def test_host_record_names_xla_flags_and_product_precision_only_where_set(monkeypatch):
+    import jax
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    plain = workdir.host_record()
+    assert "xla_flags" not in plain and "matmul_precision" not in plain
+    monkeypatch.setenv("XLA_FLAGS", " --xla_gpu_deterministic_ops=true ")
+    flagged = workdir.host_record()
+    assert flagged["xla_flags"] == "--xla_gpu_deterministic_ops=true"
+    assert flagged["id"] != plain["id"]
+    monkeypatch.delenv("XLA_FLAGS")
+    with jax.default_matmul_precision("highest"):
+        precise = workdir.host_record()
+    assert precise["matmul_precision"] == "highest" and precise["id"] != plain["id"]
+    assert workdir.host_record() == plain

@@ -180,9 +180,10 @@ def _cpu() -> tuple[str, str]:
 
 
 def host_record() -> dict[str, Any]:
-    """The numerical environment of this process: library versions, backend, devices and, on
-    a CPU, the processor, with ``id``, a short digest of all of it (equal ids: runs of one
-    config repeat bit for bit; different ids: they may differ in the last digits)."""
+    """The numerical environment of this process: library versions, backend, devices, on a
+    CPU the processor, XLA's flags and the float32 product precision where set, with ``id``, a
+    short digest of all of it (equal ids: runs of one config repeat bit for bit; different
+    ids: they may differ in the last digits)."""
     import jax
     import jaxlib
 
@@ -200,5 +201,19 @@ def host_record() -> dict[str, Any]:
         "cpu": cpu,
         "cpu_flags": flags,
     }
+    # Settings that change the numbers, recorded (and digested) only where they are set, so
+    # the ids of runs without them stay as they were: XLA's flags, float32 products' precision
+    # (on a GPU JAX's default is TF32), and on a GPU the cuDNN library's version.
+    if os.environ.get("XLA_FLAGS", "").strip():
+        record["xla_flags"] = os.environ["XLA_FLAGS"].strip()
+    if jax.config.jax_default_matmul_precision:
+        record["matmul_precision"] = str(jax.config.jax_default_matmul_precision)
+    if record["backend"] == "gpu":
+        try:
+            from jax._src.lib import cuda_versions
+
+            record["cudnn"] = cuda_versions.cudnn_get_version()
+        except Exception:  # noqa: BLE001 - a missing or moved module: the record says so.
+            record["cudnn"] = "unknown"
     record["id"] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
     return record

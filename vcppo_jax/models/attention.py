@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 CUDNN_DTYPES = ("bfloat16", "float16")  # Activations cuDNN's fused attention takes.
+CUDNN_MAX_HEAD_DIM = 256  # Hopper's limit for its flash kernel, forward and backward.
 DEFAULT_BLOCK = 512
 SPLASH_BLOCK = 128  # Query and key tile of the splash kernel (TPU lanes are 128 wide).
 _FAR = jnp.iinfo(jnp.int32).max  # Position of padding keys: visible to no query.
@@ -53,27 +54,40 @@ class BackendError(ValueError):
     """An attention kernel asked for on a backend that lacks it (e.g. splash off a TPU)."""
 
 
-def resolve(name: str, backend: str | None = None, dtype: str | None = None) -> str:
+def cudnn_head_dim_ok(head_dim: int | None) -> bool:
+    """Whether cuDNN's flash kernel takes heads of ``head_dim`` (None: unknown, assumed so):
+    a multiple of 8 up to 256 (Ampere's backward pass stops at 128)."""
+    return head_dim is None or (head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
+
+
+def resolve(
+    name: str, backend: str | None = None, dtype: str | None = None, head_dim: int | None = None
+) -> str:
     """The implementation ``name`` stands for on ``backend`` (default: JAX's) for activations
-    of ``dtype`` (a name; None: any): ``auto`` is ``cudnn`` on GPUs (``blockwise`` there for a
-    dtype cuDNN's kernel lacks, as float32), ``splash`` on TPUs and ``blockwise`` elsewhere;
-    other names stand for themselves."""
+    of ``dtype`` (a name; None: any) and heads of ``head_dim`` (None: any): ``auto`` is
+    ``cudnn`` on GPUs (``blockwise`` there for what cuDNN's kernel lacks: float32, or a head
+    dim it does not take), ``splash`` on TPUs and ``blockwise`` elsewhere; other names stand
+    for themselves."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention={name!r}; expected one of {IMPLEMENTATIONS}")
     if name != "auto":
         return name
     backend = backend or jax.default_backend()
     if backend == "gpu":
-        return "cudnn" if dtype is None or dtype in CUDNN_DTYPES else "blockwise"
+        fits = (dtype is None or dtype in CUDNN_DTYPES) and cudnn_head_dim_ok(head_dim)
+        return "cudnn" if fits else "blockwise"
     return {"tpu": "splash"}.get(backend, "blockwise")
 
 
-def check_available(name: str, dtype: str, backend: str | None = None) -> None:
+def check_available(
+    name: str, dtype: str, backend: str | None = None, head_dim: int | None = None
+) -> None:
     """Raises ``BackendError`` when the kernel ``name`` stands for cannot run here: cuDNN's
-    off an NVIDIA GPU or for activations other than bfloat16 / float16, splash off a TPU
-    (unless TPU interpret mode is asked for, see ``splash_interpret``)."""
+    off an NVIDIA GPU, for activations other than bfloat16 / float16 or for heads it does not
+    take, splash off a TPU (unless TPU interpret mode is asked for, see
+    ``splash_interpret``)."""
     backend = backend or jax.default_backend()
-    kind = resolve(name, backend, dtype)
+    kind = resolve(name, backend, dtype, head_dim)
     if kind == "cudnn" and backend != "gpu":
         raise BackendError(
             f"model.attention='cudnn' is cuDNN's kernel for NVIDIA GPUs and this backend is "
@@ -84,6 +98,12 @@ def check_available(name: str, dtype: str, backend: str | None = None) -> None:
             f"model.attention='cudnn' takes activations in {' or '.join(CUDNN_DTYPES)} and "
             f"model.dtype is {dtype}: set model.dtype=bfloat16, or use auto (blockwise for "
             f"{dtype} on a GPU), blockwise or xla"
+        )
+    if kind == "cudnn" and not cudnn_head_dim_ok(head_dim):
+        raise BackendError(
+            f"model.attention='cudnn': cuDNN's flash kernel takes head dims that are multiples "
+            f"of 8 up to {CUDNN_MAX_HEAD_DIM}, and the model's is {head_dim}: use auto "
+            f"(blockwise for this model on a GPU), blockwise or xla"
         )
     if kind == "splash" and backend != "tpu":
         splash_interpret()
