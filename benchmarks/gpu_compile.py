@@ -20,8 +20,10 @@ every figure here is the compiler's plan, not a measurement of time:
   Whether training memory grows linearly with T is read off the temporaries.
 - ``config``: an experiment config's (``--config path:VARIANT``) actor and critic updates of
   one minibatch and its decode loop of one rollout batch, on ``--devices`` GPUs under the
-  config's own mesh and logical-axis rules (memory per device), with
-  ``experiments/memory_plan.py``'s plan for the same config beside them.
+  config's own mesh and logical-axis rules (memory per device, and the collectives each
+  device takes part in, by kind: how many and their bytes), with
+  ``experiments/memory_plan.py``'s plan for the same config beside them. Traced as the runner
+  traces (under the mesh and the rules, which the model's activation constraints follow).
 - ``decode``: ``sampling.decode`` at ``batch x prompt x new`` (greedy, bf16): the kernels one
   generated token launches (the loop body's fusions, library calls and copies, by the part of
   the model they come from) and the loop condition's. A decode step that launches hundreds of
@@ -128,11 +130,45 @@ def kernels(lines: list[str]) -> collections.Counter:
     return out
 
 
+_COLLECTIVE = re.compile(r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([0-9,]*)\]")
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_LOOP = re.compile(r"condition=%([^,\s]+), body=%([^,\s]+)")
+
+
+def _array_bytes(dtype: str, dims: str) -> int:
+    bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d+)", dtype).group(1))
+    return max(1, bits // 8) * math.prod(int(d) for d in dims.split(",") if d)
+
+
+def collectives(comps: dict[str, list[str]], name: str = "ENTRY") -> dict[str, list[int]]:
+    """The collectives one run of computation ``name`` performs, with the while loops it runs
+    (each body times its known trip count, once where the count is unknown): {kind: [count,
+    bytes]}, bytes per device, each collective counted at the larger of its input and
+    output (an asynchronous pair once)."""
+    out: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for line in comps.get(name, []):
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        op = m.group(2)
+        kind = _COLLECTIVE.fullmatch(op.removesuffix("-start"))
+        if kind:
+            result = line.split("=", 1)[1].split(f" {op}(", 1)[0]
+            out[kind.group(1)][0] += 1
+            out[kind.group(1)][1] += max(_array_bytes(*a) for a in _ARRAY.findall(result))
+        elif op == "while" and (loop := _LOOP.search(line)):
+            trips = _TRIPS.search(line)
+            for k, (n, b) in collectives(comps, loop.group(2)).items():
+                out[k][0] += n * (int(trips.group(1)) if trips else 1)
+                out[k][1] += b * (int(trips.group(1)) if trips else 1)
+    return dict(out)
+
+
 def while_loops(hlo: str) -> list[tuple[str, str]]:
     """(condition, body) names of the entry computation's while loops."""
     entry = computations(hlo).get("ENTRY", [])
-    pattern = re.compile(r"condition=%([^,\s]+), body=%([^,\s]+)")
-    return [m.groups() for line in entry if (m := pattern.search(line))]
+    return [m.groups() for line in entry if (m := _LOOP.search(line))]
 
 
 def target_mesh(target: str, sizes: dict | None = None):
@@ -190,6 +226,20 @@ def _rows(mesh, rules, shape, dtype):
     )
 
 
+def _traced(mesh, rules):
+    """The context a run traces its steps in (``Runner.run``): the mesh and the logical-axis
+    rules, which the model's activation constraints follow."""
+    import contextlib
+
+    import flax.linen as nn
+    import jax
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    return stack
+
+
 def _abstract_state(config, head: str, mesh, rules):
     """The train state of ``config``'s actor (``head="lm"``) or critic as shapes placed as a
     run places them: parameters by the logical-axis ``rules``, Adam's moments as their
@@ -244,16 +294,18 @@ def train_memory(mesh, config, b: int, t: int, head: str, rules=None) -> dict:
         args = (*batch, f32, f32)
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh):
+        with _traced(mesh, rules):
             compiled = jax.jit(fn, donate_argnums=0).lower(state, *args).compile()
     except Exception as e:  # Recorded; the other programs still compile.
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     mem = compiled.memory_analysis()
+    hlo = compiled.as_text()
     return {
         "compiled_temp_bytes": int(mem.temp_size_in_bytes),
         "compiled_argument_bytes": int(mem.argument_size_in_bytes),
         "compiled_output_bytes": int(mem.output_size_in_bytes),
-        "cudnn_attention_calls": compiled.as_text().count('custom_call_target="__cudnn$fmha'),
+        "cudnn_attention_calls": hlo.count('custom_call_target="__cudnn$fmha'),
+        "collectives": collectives(computations(hlo)),
         "compile_seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -275,7 +327,7 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
     key = jax.eval_shape(lambda: jax.random.key(0))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sp = sampling.SamplingParams(max_new_tokens=new, temperature=0.0)
-    with jax.set_mesh(mesh):
+    with _traced(mesh, rules):
         first = sampling.prefill.lower(
             config,
             params,
@@ -302,6 +354,7 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
             2,
         ),
         "condition_kernels": sum(kernels(comps[condition]).values()),
+        "collectives_per_token": collectives(comps, body),
         # Over all devices: the weights once and the whole batch's cache at the mean length.
         "floor_bytes_per_token_step_all_devices": decode_bytes_per_step(
             config, batch, prompt + new / 2

@@ -5,8 +5,9 @@ allocated, no device of that size is needed).
 
 Counts, per device, under the config's mesh and logical-axis rules: policy, critic and
 reference parameters; both optimiser states (as optax creates them); the KV cache of one
-rollout batch; the activations kept for the backward pass with per-layer remat (one
-``[B, T, E]`` residual per layer plus one layer's working set); and one layer's attention
+rollout batch; under FSDP, the LM head gathered for the log-probs and its gradient; the
+activations kept for the backward pass with per-layer remat (one ``[B, T, E]`` residual per
+layer plus one layer's working set); and one layer's attention
 working memory with the kernel ``model.attention`` stands for on ``--backend`` (xla: the
 float32 scores and the probabilities, ``[B, H, T, T]``; blockwise: one key block of them,
 ``[B, H, T, 512]``, and the float32 accumulator; cudnn and splash: the saved float32
@@ -134,6 +135,13 @@ def plan(
     # The logits of one minibatch in float32 (the log-probabilities' softmax).
     vocab_shards = mesh_shape["tensor"] if mcfg.vocab_size % mesh_shape["tensor"] == 0 else 1
     out["logits (float32, one minibatch)"] = mb * t * mcfg.vocab_size * 4 // vocab_shards
+    # Where FSDP splits the LM head, the log-probs read it gathered over its ``embed`` axis
+    # once for all chunks (``chunked_logprobs``), and its gradient builds up there.
+    embed_axes = dict(rules).get("embed") or ()
+    embed_axes = (embed_axes,) if isinstance(embed_axes, str) else embed_axes
+    if math.prod(mesh_shape[a] for a in embed_axes) > 1:
+        head = e * mcfg.vocab_size * abytes // vocab_shards
+        out["LM head gathered for the log-probs, and its gradient"] = 2 * head
     kind = attention_lib.resolve(config.model.attention, backend, mcfg.dtype)
     heads = mcfg.num_heads // mesh_shape["tensor"]
     where = "every layer" if kept > 1 else "one layer"

@@ -59,6 +59,37 @@ def test_instructions_that_launch_nothing_are_not_counted():
     assert gpu_compile.kernels(lines) == {"mlp": 1, "attention": 2}  # An async pair is one.
 
 
+def test_collectives_counted_with_their_bytes_and_loop_trips():
+    comps = {
+        "ENTRY": [
+            "  %s = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(%p), dimensions={0}",
+            "  %d = bf16[16,8]{1,0} all-gather-done(%s)",
+            "  %r = f32[10]{0} all-reduce(%q), to_apply=%add",
+            '  %w = (s32[], f32[4]{0}) while(%t), condition=%c, body=%b, backend_config={"kno'
+            'wn_trip_count":{"n":"3"}}',
+            "  %u = (s32[], f32[4]{0}) while(%t), condition=%c, body=%b",  # Count unknown: once.
+        ],
+        "b": ["  %x = f32[2]{0} reduce-scatter(%y), dimensions={0}, to_apply=%add"],
+        "c": [],
+    }
+    comps["b"][0] = comps["b"][0].replace("f32[2]{0} reduce", "(f32[8]{0}, f32[2]{0}) reduce")
+    assert gpu_compile.collectives(comps) == {
+        "all-gather": [1, 16 * 8 * 2],  # The larger of input and output, the pair once.
+        "all-reduce": [1, 40],
+        "reduce-scatter": [4, 4 * 32],
+    }
+
+
+@pytest.mark.multidevice(8)
+def test_collectives_of_a_compiled_program():
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    f = jax.jit(lambda x: x * 2, in_shardings=split, out_shardings=whole)
+    hlo = f.lower(jax.ShapeDtypeStruct((64,), jnp.float32)).compile().as_text()
+    assert gpu_compile.collectives(gpu_compile.computations(hlo)) == {"all-gather": [1, 256]}
+
+
 def test_targets():
     text = gpu_compile.target_config("h100")
     assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text

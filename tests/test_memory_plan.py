@@ -13,6 +13,8 @@ def test_qwen32b_plan_on_a_pod():
     assert result["policy optimiser state"] == 2 * result["policy parameters"]
     total = sum(v for k, v in result.items() if not k.startswith("_"))
     assert total < 80 * 2**30  # Fits an 80 GiB accelerator.
+    # The LM head's tensor shard (5120 x 152064 / 4, bf16), gathered, and its gradient.
+    assert result["LM head gathered for the log-probs, and its gradient"] == 2 * 5120 * 38016 * 2
 
 
 def test_attention_working_memory_by_kernel():
@@ -44,6 +46,7 @@ def test_small_variant_validates_and_fits_one_80gb_gpu():
     shape = memory_plan.model_shape(c)
     assert (shape.num_layers, shape.hidden_size) == (8, 512)
     assert result["policy parameters"] < 2**30
+    assert not any(k.startswith("LM head gathered") for k in result)  # No FSDP, no gather.
     total = sum(v for k, v in result.items() if not k.startswith("_"))
     assert total < 80 * 2**30
     # With the materialised scores kept for all 8 layers (no remat) it would not be small.

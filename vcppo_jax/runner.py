@@ -22,6 +22,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -111,6 +112,10 @@ class Experiment:
         self.source = self._make_source()
         self.tokenizer = self.source.tokenizer
         self.model_config = self._model_config()
+        # The kernel again, with the model's head dim (known only now, from a checkpoint).
+        attention_lib.check_available(
+            config.model.attention, config.model.dtype, head_dim=self.model_config.head_size
+        )
         self.metrics = MetricsWriter(workdir, process_index=jax.process_index())
         self.checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
         self._stop_requested = False
@@ -648,8 +653,11 @@ class Experiment:
         """Runs the stages from where the workdir's checkpoint left off, checkpointing as it
         goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps. Steps are
         traced under the run's mesh (``jax.set_mesh``), so kernels that must run per shard
-        (the Pallas splash attention) see it."""
-        with jax.set_mesh(self.mesh):
+        (the Pallas splash attention) see it, and under its logical-axis rules, so the model's
+        activation constraints take the run's layout. (jit keys its traces on the mesh in force,
+        not on Flax's rules: the two are entered together, so a trace under this mesh is one
+        under these rules.)"""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             self._run()
 
     def _run(self) -> None:
@@ -660,7 +668,9 @@ class Experiment:
             record = json.loads(c.to_json_best_effort())
             # What "auto" settings stand for on this machine, and the machine (its numerics).
             record["resolved"] = {
-                "model.attention": attention_lib.resolve(c.model.attention, dtype=c.model.dtype),
+                "model.attention": attention_lib.resolve(
+                    c.model.attention, dtype=c.model.dtype, head_dim=self.model_config.head_size
+                ),
                 "host": workdir_lib.host_record(),
             }
             workdir_lib.record_config(

@@ -1,9 +1,12 @@
 """Device mesh and logical-axis sharding.
 
 Model code names the axes of every parameter and activation (``vocab``, ``embed``, ``heads``,
-``kv_heads``, ``head_dim``, ``mlp``, ``batch``, ``length``); a rule table maps each name to
-mesh axes (or to nothing: replicated). The mesh comes from sizes such as
-``{"data": -1, "fsdp": 1, "tensor": 1}`` where ``-1`` takes the remaining devices.
+``kv_heads``, ``head_dim``, ``mlp``; ``batch``, ``length``, ``activation_embed``); a rule table
+maps each name to mesh axes (or to nothing: replicated). Parameters are placed by the rules,
+and the model's activation constraints follow them where a step is traced under
+``nn.logical_axis_rules`` (the runner's are); a name a table leaves out is replicated. The
+mesh comes from sizes such as ``{"data": -1, "fsdp": 1, "tensor": 1}`` where ``-1`` takes the
+remaining devices.
 
 A pod, e.g. 256 chips for Qwen2.5-32B: ``{"data": -1, "fsdp": 16, "tensor": 4}`` gives
 4 x 16 x 4; batch over data*fsdp, parameters over fsdp (ZeRO-3 style) and tensor.
@@ -33,6 +36,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
+    ("activation_embed", None),  # The residual stream's width (``embed`` names the weights').
 )
 
 

@@ -44,14 +44,19 @@ def _init_boxed(config: ModelConfig, rng: jax.Array, head: str):
 
 
 def init_params(config: ModelConfig, rng: jax.Array, head: str = "lm"):
-    """Random parameters (normal(0.02) weights; a zero value head)."""
-    return nn.meta.unbox(_init_boxed(config, rng, head))
+    """Random parameters (normal(0.02) weights; a zero value head). Made whatever logical-axis
+    rules are in force (the runner traces under its own): placing them is the callers'
+    business (``sharding``), and a constraint on a host array outside ``jit`` would fail."""
+    with nn.logical_axis_rules(()):
+        return nn.meta.unbox(_init_boxed(config, rng, head))
 
 
 def abstract_params(config: ModelConfig, head: str = "lm"):
     """Shapes and logical axis names, without allocating: (ShapeDtypeStruct tree, names tree)."""
-    boxed = jax.eval_shape(functools.partial(_init_boxed, config, head=head), jax.random.key(0))
-    return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
+    with nn.logical_axis_rules(()):
+        init = functools.partial(_init_boxed, config, head=head)
+        boxed = jax.eval_shape(init, jax.random.key(0))
+        return nn.meta.unbox(boxed), nn.get_partition_spec(boxed)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -7,6 +7,7 @@ Shared by the actor's ``token_logprobs`` and by a value model that reads its own
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -16,9 +17,27 @@ LOGITS_CHUNK_BYTES = 256 * 2**20
 
 def auto_chunk_size(batch: int, vocab: int, budget: int = LOGITS_CHUNK_BYTES) -> int:
     """Largest power of two (>= 16) of positions whose [batch, chunk, vocab] float32 logits fit
-    in ``budget`` bytes."""
-    fit = max(1, budget // (4 * batch * vocab))
+    in ``budget`` bytes. Under a mesh and logical-axis rules (as the runner traces), ``batch``
+    and ``vocab`` count what one device holds of them (``per_device``): the budget is each
+    device's."""
+    fit = max(1, budget // (4 * per_device(batch, "batch") * per_device(vocab, "vocab")))
     return max(16, 1 << (fit.bit_length() - 1))
+
+
+def per_device(n: int, name: str) -> int:
+    """Of ``n`` entries along the logical axis ``name``, those one device holds: under a mesh
+    (``jax.set_mesh``) and logical-axis rules (``nn.logical_axis_rules``), ``n`` divided by
+    the sizes of the mesh axes the rules give ``name``, each that divides it; else ``n``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return n
+    axes = dict(rules).get(name) or ()
+    for axis in (axes,) if isinstance(axes, str) else axes:
+        size = mesh.shape.get(axis, 1)
+        if n % size == 0:
+            n //= size
+    return n
 
 
 def mask_unused(logits, vocab_limit: int):
@@ -59,7 +78,9 @@ def chunked_logprobs(
     n = hidden.shape[1] // chunk
     h_chunks = hidden.reshape(b, n, chunk, e).swapaxes(0, 1)  # [N, B, C, E]
     t_chunks = targets.reshape(b, n, chunk).swapaxes(0, 1)
-    kernel = kernel.astype(hidden.dtype)
+    # Gathered over the devices of its ``embed`` axis once for all chunks, under logical-axis
+    # rules (FSDP's layout), instead of once per chunk, forward and backward.
+    kernel = nn.with_logical_constraint(kernel.astype(hidden.dtype), (None, "vocab"))
 
     @jax.checkpoint
     def one(h, tgt):
