@@ -131,22 +131,69 @@ def kernels(lines: list[str]) -> collections.Counter:
 
 
 _COLLECTIVE = re.compile(r"(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)")
-_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e\w+)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+[a-z0-9]*)\[([0-9,]*)\]")
 _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _LOOP = re.compile(r"condition=%([^,\s]+), body=%([^,\s]+)")
+_CALLED = re.compile(r"(?:to_apply|calls)=%([^,\s]+)")
+_BRANCHES = re.compile(r"(?:branch_computations=\{([^}]*)\}|true_computation=%([^,\s]+), "
+                       r"false_computation=%([^,\s]+))")  # fmt: skip
+_IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([^}]*)\}")
 
 
-def _array_bytes(dtype: str, dims: str) -> int:
-    bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d+)", dtype).group(1))
-    return max(1, bits // 8) * math.prod(int(d) for d in dims.split(",") if d)
+def _bytes(types: str) -> int:
+    """The bytes of every array in an HLO type (an array, or a tuple of them, nested)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(types):
+        bits = 8 if dtype == "pred" else int(re.match(r"[a-z]+(\d+)", dtype).group(1))
+        total += -(-bits * math.prod(int(d) for d in dims.split(",") if d) // 8)
+    return total
+
+
+def _elements(types: str) -> list[str]:
+    """The top-level elements of a tuple type ``(a, (b, c), d)``; an array type alone."""
+    types = types.strip()
+    if not types.startswith("("):
+        return [types]
+    parts, depth, current = [], 0, []
+    for ch in types[1:-1]:
+        depth += 1 if ch in "([{" else -1 if ch in ")]}" else 0
+        if ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    return parts + ["".join(current)]
+
+
+def _collective_bytes(op: str, kind: str, result: str, line: str) -> int:
+    """A collective's bytes per device at the larger of its input and output side: an
+    asynchronous gather, scatter or permute returns (inputs, outputs, ...); an all-reduce its
+    outputs (as its inputs); a synchronous reduce-scatter its outputs, one group member's
+    share of the inputs."""
+    if op.endswith("-start") and kind != "all-reduce":
+        parts = _elements(result)
+        return max(_bytes(parts[0]), _bytes(parts[1])) if len(parts) > 1 else _bytes(result)
+    if kind == "reduce-scatter":
+        iota, listed = _IOTA_GROUPS.search(line), _LISTED_GROUPS.search(line)
+        group = int(iota.group(1)) if iota else len(listed.group(1).split(",")) if listed else 1
+        return _bytes(result) * group
+    return _bytes(result)
 
 
 def collectives(comps: dict[str, list[str]], name: str = "ENTRY") -> dict[str, list[int]]:
-    """The collectives one run of computation ``name`` performs, with the while loops it runs
-    (each body times its known trip count, once where the count is unknown): {kind: [count,
-    bytes]}, bytes per device, each collective counted at the larger of its input and
-    output (an asynchronous pair once)."""
+    """The collectives one run of computation ``name`` performs, with those of the
+    computations it runs: a while loop's body times its known trip count (once where the count
+    is unknown), a called computation once, a conditional's costliest branch. {kind: [count,
+    bytes]}, bytes per device, each collective at the larger of its input and output side
+    (combined collectives at all their arrays; an asynchronous pair once)."""
     out: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+
+    def add(found: dict[str, list[int]], times: int = 1) -> None:
+        for k, (n, b) in found.items():
+            out[k][0] += n * times
+            out[k][1] += b * times
+
     for line in comps.get(name, []):
         m = _INSTRUCTION.match(line)
         if not m:
@@ -155,13 +202,17 @@ def collectives(comps: dict[str, list[str]], name: str = "ENTRY") -> dict[str, l
         kind = _COLLECTIVE.fullmatch(op.removesuffix("-start"))
         if kind:
             result = line.split("=", 1)[1].split(f" {op}(", 1)[0]
-            out[kind.group(1)][0] += 1
-            out[kind.group(1)][1] += max(_array_bytes(*a) for a in _ARRAY.findall(result))
+            add({kind.group(1): [1, _collective_bytes(op, kind.group(1), result, line)]})
         elif op == "while" and (loop := _LOOP.search(line)):
             trips = _TRIPS.search(line)
-            for k, (n, b) in collectives(comps, loop.group(2)).items():
-                out[k][0] += n * (int(trips.group(1)) if trips else 1)
-                out[k][1] += b * (int(trips.group(1)) if trips else 1)
+            add(collectives(comps, loop.group(2)), int(trips.group(1)) if trips else 1)
+        elif op in ("call", "async-start") and (called := _CALLED.search(line)):
+            add(collectives(comps, called.group(1)))
+        elif op == "conditional" and (branches := _BRANCHES.search(line)):
+            names = [n.strip().lstrip("%") for n in (branches.group(1) or "").split(",")]
+            names = [n for n in names + [branches.group(2), branches.group(3)] if n]
+            found = [collectives(comps, n) for n in names]
+            add(max(found, key=lambda f: sum(b for _, b in f.values()), default={}))
     return dict(out)
 
 
@@ -228,7 +279,7 @@ def _rows(mesh, rules, shape, dtype):
 
 def _traced(mesh, rules):
     """The context a run traces its steps in (``Runner.run``): the mesh and the logical-axis
-    rules, which the model's activation constraints follow."""
+    rules, which the model's activation constraints follow (``()``: none apply)."""
     import contextlib
 
     import flax.linen as nn
@@ -271,7 +322,9 @@ def shape_config(model: str, attention: str):
     )
 
 
-def train_memory(mesh, config, b: int, t: int, head: str, rules=None) -> dict:
+def train_memory(
+    mesh, config, b: int, t: int, head: str, rules=None, traced_under_rules: bool = True
+) -> dict:
     """One actor (``head="lm"``) or critic update of ``config``'s model on ``[b, t]`` (the
     global batch) compiled for the mesh's target GPUs: memory analysis per device."""
     import jax
@@ -294,7 +347,7 @@ def train_memory(mesh, config, b: int, t: int, head: str, rules=None) -> dict:
         args = (*batch, f32, f32)
     t0 = time.perf_counter()
     try:
-        with _traced(mesh, rules):
+        with _traced(mesh, rules if traced_under_rules else ()):
             compiled = jax.jit(fn, donate_argnums=0).lower(state, *args).compile()
     except Exception as e:  # Recorded; the other programs still compile.
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
@@ -310,7 +363,9 @@ def train_memory(mesh, config, b: int, t: int, head: str, rules=None) -> dict:
     }
 
 
-def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) -> dict:
+def decode_kernels(
+    mesh, config, batch: int, prompt: int, new: int, rules=None, traced_under_rules: bool = True
+) -> dict:
     """``sampling.decode`` of ``config``'s model (``batch`` rows in all) compiled for the
     mesh's target GPUs, its state placed as the compiled prompt pass leaves it: kernels per
     generated token, and memory per device."""
@@ -327,7 +382,7 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
     key = jax.eval_shape(lambda: jax.random.key(0))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sp = sampling.SamplingParams(max_new_tokens=new, temperature=0.0)
-    with _traced(mesh, rules):
+    with _traced(mesh, rules if traced_under_rules else ()):
         first = sampling.prefill.lower(
             config,
             params,
@@ -365,7 +420,12 @@ def decode_kernels(mesh, config, batch: int, prompt: int, new: int, rules=None) 
 
 
 def config_programs(
-    target: str, spec: str, devices: int = 1, prompt_budget=None, layers: int | None = None
+    target: str,
+    spec: str,
+    devices: int = 1,
+    prompt_budget=None,
+    layers: int | None = None,
+    traced_under_rules: bool = True,
 ) -> dict:
     """An experiment config's (``path:VARIANT``) largest programs on ``devices`` target GPUs,
     under the config's mesh and rules, beside ``experiments/memory_plan.py``'s plan for it:
@@ -379,7 +439,7 @@ def config_programs(
 
     config = memory_plan.load_config(spec)
     model = memory_plan.model_shape(config)  # A checkpoint's shape, or the config's own.
-    kind = attention_lib.resolve(config.model.attention, "gpu", model.dtype)
+    kind = attention_lib.resolve(config.model.attention, "gpu", model.dtype, model.head_size)
     model = model.replace(attention=kind, remat=config.model.remat)
     if layers:
         model = model.replace(num_layers=layers)
@@ -400,9 +460,9 @@ def config_programs(
         "plan_bytes": None
         if layers
         else {k: int(v) for k, v in plan.items() if not k.startswith("_")},
-        "actor": train_memory(mesh, model, minibatch, t, "lm", rules),
-        "critic": train_memory(mesh, model, minibatch, t, "value", rules),
-        "decode": decode_kernels(mesh, model, rows, budget, new, rules),
+        "actor": train_memory(mesh, model, minibatch, t, "lm", rules, traced_under_rules),
+        "critic": train_memory(mesh, model, minibatch, t, "value", rules, traced_under_rules),
+        "decode": decode_kernels(mesh, model, rows, budget, new, rules, traced_under_rules),
     }
 
 
@@ -421,6 +481,12 @@ def main() -> None:
     parser.add_argument("--prompt_budget", type=int, default=None, help="the config part's")
     parser.add_argument(
         "--layers", type=int, default=None, help="the config part's model cut to N layers"
+    )
+    parser.add_argument(
+        "--without_rules",
+        action="store_true",
+        help="the config part traced under the mesh alone, not the rules (as runs were before "
+        "the runner traced under them): what the model's activation constraints change",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -480,13 +546,17 @@ def main() -> None:
             report.setdefault("decode", {})[key] = r
             print(f"[compile] decode {key}: {r}", flush=True)
     if "config" in parts:
-        r = config_programs(args.target, args.config, args.devices, args.prompt_budget, args.layers)
+        r = config_programs(
+            args.target, args.config, args.devices, args.prompt_budget, args.layers,
+            traced_under_rules=not args.without_rules,
+        )  # fmt: skip
         xla_flags = os.environ.get("XLA_FLAGS", "").strip()
         r["xla_flags"] = xla_flags
         key = f"{args.config} on {args.devices}" + (
             f", {args.layers} layers" if args.layers else ""
         )
         key += f" with {xla_flags}" if xla_flags else ""
+        key += ", traced without the rules" if args.without_rules else ""
         report.setdefault("config", {})[key] = r
         for name in ("actor", "critic", "decode"):
             gib = {k: round(v / 2**30, 3) for k, v in r[name].items() if k.endswith("bytes")}

@@ -5,9 +5,11 @@ allocated, no device of that size is needed).
 
 Counts, per device, under the config's mesh and logical-axis rules: policy, critic and
 reference parameters; both optimiser states (as optax creates them); the KV cache of one
-rollout batch; under FSDP, the LM head gathered for the log-probs and its gradient; the
-activations kept for the backward pass with per-layer remat (one ``[B, T, E]`` residual per
-layer plus one layer's working set); and one layer's attention
+rollout batch; the activations kept for the backward pass with per-layer remat (one
+``[B, T, E]`` residual per layer plus one layer's working set); one chunk of the log-probs'
+float32 logits and its gradient; one update's gradients; under FSDP, the LM head gathered for
+the log-probs and the embedding table gathered for the lookup, with their gradients; and one
+layer's attention
 working memory with the kernel ``model.attention`` stands for on ``--backend`` (xla: the
 float32 scores and the probabilities, ``[B, H, T, T]``; blockwise: one key block of them,
 ``[B, H, T, 512]``, and the float32 accumulator; cudnn and splash: the saved float32
@@ -132,9 +134,17 @@ def plan(
     residuals = mcfg.num_layers * mb * t * e * abytes  # The stream at each layer boundary.
     what = "no remat: every layer's working set" if kept > 1 else "per-layer remat"
     out[f"activations ({what}, one minibatch)"] = residuals + kept * layer_set
-    # The logits of one minibatch in float32 (the log-probabilities' softmax).
+    # The log-probs' float32 logits, one chunk of positions at a time (``chunked_logprobs``,
+    # a chunk sized by what a device holds): the forward pass's, then the backward pass's
+    # recomputed logits and their gradient.
     vocab_shards = mesh_shape["tensor"] if mcfg.vocab_size % mesh_shape["tensor"] == 0 else 1
-    out["logits (float32, one minibatch)"] = mb * t * mcfg.vocab_size * 4 // vocab_shards
+    chunk = min(t, models.auto_chunk_size(mb, mcfg.vocab_size // vocab_shards))
+    out["logits (float32, one chunk of positions, and its gradient)"] = (
+        2 * mb * chunk * mcfg.vocab_size * 4 // vocab_shards
+    )
+    # One update's gradients, sharded as the parameters (the actor's and the critic's updates
+    # do not overlap: the larger model's).
+    out["gradients (one update)"] = max(out["policy parameters"], out["critic parameters"])
     # Where FSDP splits the LM head, the log-probs read it gathered over its ``embed`` axis
     # once for all chunks (``chunked_logprobs``), and its gradient builds up there.
     embed_axes = dict(rules).get("embed") or ()
@@ -142,7 +152,12 @@ def plan(
     if math.prod(mesh_shape[a] for a in embed_axes) > 1:
         head = e * mcfg.vocab_size * abytes // vocab_shards
         out["LM head gathered for the log-probs, and its gradient"] = 2 * head
-    kind = attention_lib.resolve(config.model.attention, backend, mcfg.dtype)
+        # And the embedding table, gathered the same way for the lookup in passes over many
+        # tokens (the model's ``Decoder``), its gradient built up there: the actor's and the
+        # critic's (a tied table is the LM head's, counted once).
+        if not mcfg.tie_word_embeddings:
+            out["embedding table gathered for the lookup, and its gradient"] = 2 * head
+    kind = attention_lib.resolve(config.model.attention, backend, mcfg.dtype, mcfg.head_size)
     heads = mcfg.num_heads // mesh_shape["tensor"]
     where = "every layer" if kept > 1 else "one layer"
     out[f"attention working memory ({kind}, {where}, one minibatch)"] = kept * attention_bytes(

@@ -132,7 +132,7 @@ def test_kernels_that_cannot_run_are_refused_with_the_cure():
     with pytest.raises(attention.BackendError, match="model.dtype is float32: set model.dtype"):
         attention.check_available("cudnn", "float32", "gpu")
     with pytest.raises(
-        attention.BackendError, match="multiples of 8 up to 256, and the model's is 4"
+        attention.BackendError, match="multiples of 8 up to 256 here, and the model's is 4"
     ):
         attention.check_available("cudnn", "bfloat16", "gpu", head_dim=4)
     with pytest.raises(attention.BackendError, match="model.attention='splash'"):

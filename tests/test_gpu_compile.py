@@ -60,23 +60,40 @@ def test_instructions_that_launch_nothing_are_not_counted():
 
 
 def test_collectives_counted_with_their_bytes_and_loop_trips():
+    """Lines in the forms XLA's GPU compiler writes (asynchronous pairs, combined collectives
+    as tuples, layouts in braces), and the computations a program runs."""
     comps = {
         "ENTRY": [
-            "  %s = (bf16[4,8]{1,0}, bf16[16,8]{1,0}) all-gather-start(%p), dimensions={0}",
-            "  %d = bf16[16,8]{1,0} all-gather-done(%s)",
-            "  %r = f32[10]{0} all-reduce(%q), to_apply=%add",
+            # A combined gather: (inputs, outputs); 2 x 4 x 8 in, 2 x 16 x 8 out, bf16.
+            "  %s = ((bf16[4,8]{1,0}, bf16[4,8]{1,0}), (bf16[16,8]{1,0}, bf16[16,8]{1,0})) "
+            "all-gather-start(%p, %q), dimensions={0}",
+            "  %d = (bf16[16,8]{1,0}, bf16[16,8]{1,0}) all-gather-done(%s)",
+            # A combined all-reduce: its outputs, as its inputs.
+            "  %r = (f32[10]{0}, f32[6]{0}) all-reduce(%a, %b), to_apply=%add",
+            "  %t = ((f32[64,2]{1,0}), f32[4,2]{1,0}) reduce-scatter-start(%g), replica_groups="
+            "[16,16]<=[256], dimensions={0}, to_apply=%add",
+            "  %c = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%x), "
+            "source_target_pairs={{0,1}}",
             '  %w = (s32[], f32[4]{0}) while(%t), condition=%c, body=%b, backend_config={"kno'
             'wn_trip_count":{"n":"3"}}',
             "  %u = (s32[], f32[4]{0}) while(%t), condition=%c, body=%b",  # Count unknown: once.
+            "  %k = f32[4]{0} call(%x), to_apply=%inner",
+            "  %i = f32[4]{0} conditional(%p, %x, %x), branch_computations={%cheap, %dear}",
         ],
-        "b": ["  %x = f32[2]{0} reduce-scatter(%y), dimensions={0}, to_apply=%add"],
+        "b": [  # Synchronous: the output is one member's share of a group of 4.
+            "  %x = f32[2]{0} reduce-scatter(%y), replica_groups={{0,1,2,3}}, dimensions={0}"
+        ],
         "c": [],
+        "inner": ["  %a = f4e2m1fn[16]{0} all-to-all(%x), dimensions={0}"],  # 4-bit: 8 bytes.
+        "cheap": ["  %a = f32[1]{0} all-reduce(%x), to_apply=%add"],
+        "dear": ["  %a = f32[100]{0} all-reduce(%x), to_apply=%add"],
     }
-    comps["b"][0] = comps["b"][0].replace("f32[2]{0} reduce", "(f32[8]{0}, f32[2]{0}) reduce")
     assert gpu_compile.collectives(comps) == {
-        "all-gather": [1, 16 * 8 * 2],  # The larger of input and output, the pair once.
-        "all-reduce": [1, 40],
-        "reduce-scatter": [4, 4 * 32],
+        "all-gather": [1, 2 * 16 * 8 * 2],
+        "all-reduce": [2, (10 + 6) * 4 + 400],
+        "reduce-scatter": [1 + 4, 64 * 2 * 4 + 4 * 2 * 4 * 4],
+        "collective-permute": [1, 32],
+        "all-to-all": [1, 8],
     }
 
 
@@ -88,6 +105,16 @@ def test_collectives_of_a_compiled_program():
     f = jax.jit(lambda x: x * 2, in_shardings=split, out_shardings=whole)
     hlo = f.lower(jax.ShapeDtypeStruct((64,), jnp.float32)).compile().as_text()
     assert gpu_compile.collectives(gpu_compile.computations(hlo)) == {"all-gather": [1, 256]}
+    # Three sums XLA combines into one all-reduce of a tuple: all three arrays count.
+    g = jax.jit(
+        lambda a, b, c: (a.sum(0), b.sum(0), c.sum(0)),
+        in_shardings=(split,) * 3,
+        out_shardings=(whole,) * 3,
+    )
+    arg = jax.ShapeDtypeStruct((8, 256), jnp.float32)
+    hlo = g.lower(arg, arg, arg).compile().as_text()
+    found = gpu_compile.collectives(gpu_compile.computations(hlo))
+    assert found["all-reduce"][1] == 3 * 256 * 4, found
 
 
 def test_targets():

@@ -93,14 +93,18 @@ def test_model_traced_under_its_rules_equals_unsharded_and_pins_the_residual_str
         leaves = zip(jax.tree.leaves(fresh), jax.tree.leaves(params), strict=True)
         assert all(np.array_equal(a, b) for a, b in leaves)
         got = models.forward(CONFIG, sharded, batch), models.values(CONFIG, sharded_critic, batch)
-        text = models.forward.lower(CONFIG, sharded, batch).as_text()
+        # A fresh jit: Flax's rules are not in jit's cache key, so an earlier trace of
+        # ``models.forward`` under this mesh without them would otherwise be reused.
+        fresh_forward = jax.jit(models.forward.__wrapped__, static_argnums=0)
+        text = fresh_forward.lower(CONFIG, sharded, batch).as_text()
         sample = sampling.generate(
             CONFIG, sharded, np.asarray(tokens), lengths, sp, jax.random.key(0)
         )
         state = sampling.prefill(
             CONFIG, sharded, batch, jnp.asarray(lengths), sp, jax.random.key(0)
         )
-        step = sampling.decode.lower(CONFIG, sharded, state, sp).as_text()
+        decode = jax.jit(sampling.decode.__wrapped__, static_argnums=(0, 3))
+        step = decode.lower(CONFIG, sharded, state, sp).as_text()
     for a, b in zip(got, want, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
     np.testing.assert_array_equal(sample.response_tokens, want_sample.response_tokens)

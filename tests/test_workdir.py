@@ -75,14 +75,19 @@ def test_host_record_names_xla_flags_and_product_precision_only_where_set(monkey
     import jax
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    plain = workdir.host_record()
-    assert "xla_flags" not in plain and "matmul_precision" not in plain
-    monkeypatch.setenv("XLA_FLAGS", " --xla_gpu_deterministic_ops=true ")
-    flagged = workdir.host_record()
-    assert flagged["xla_flags"] == "--xla_gpu_deterministic_ops=true"
-    assert flagged["id"] != plain["id"]
-    monkeypatch.delenv("XLA_FLAGS")
-    with jax.default_matmul_precision("highest"):
-        precise = workdir.host_record()
-    assert precise["matmul_precision"] == "highest" and precise["id"] != plain["id"]
-    assert workdir.host_record() == plain
+    precision = jax.config.jax_default_matmul_precision  # "highest" where the suite is on a GPU.
+    jax.config.update("jax_default_matmul_precision", None)
+    try:
+        plain = workdir.host_record()
+        assert "xla_flags" not in plain and "matmul_precision" not in plain
+        monkeypatch.setenv("XLA_FLAGS", " --xla_gpu_deterministic_ops=true ")
+        flagged = workdir.host_record()
+        assert flagged["xla_flags"] == "--xla_gpu_deterministic_ops=true"
+        assert flagged["id"] != plain["id"]
+        monkeypatch.delenv("XLA_FLAGS")
+        with jax.default_matmul_precision("highest"):
+            precise = workdir.host_record()
+        assert precise["matmul_precision"] == "highest" and precise["id"] != plain["id"]
+        assert workdir.host_record() == plain
+    finally:
+        jax.config.update("jax_default_matmul_precision", precision)

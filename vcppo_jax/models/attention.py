@@ -54,10 +54,24 @@ class BackendError(ValueError):
     """An attention kernel asked for on a backend that lacks it (e.g. splash off a TPU)."""
 
 
+def cudnn_max_head_dim() -> int:
+    """The largest head dim cuDNN's flash kernel takes forward and backward here: 256 on Hopper
+    and later, 128 on an older GPU in use (Ampere's backward pass stops there); 256 where no
+    GPU is present (compiling for one)."""
+    try:
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", None)
+        if device.platform == "gpu" and capability and float(capability) < 9.0:
+            return 128
+    except (RuntimeError, ValueError):
+        pass
+    return CUDNN_MAX_HEAD_DIM
+
+
 def cudnn_head_dim_ok(head_dim: int | None) -> bool:
     """Whether cuDNN's flash kernel takes heads of ``head_dim`` (None: unknown, assumed so):
-    a multiple of 8 up to 256 (Ampere's backward pass stops at 128)."""
-    return head_dim is None or (head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
+    a multiple of 8 up to ``cudnn_max_head_dim()``."""
+    return head_dim is None or (head_dim % 8 == 0 and head_dim <= cudnn_max_head_dim())
 
 
 def resolve(
@@ -102,7 +116,7 @@ def check_available(
     if kind == "cudnn" and not cudnn_head_dim_ok(head_dim):
         raise BackendError(
             f"model.attention='cudnn': cuDNN's flash kernel takes head dims that are multiples "
-            f"of 8 up to {CUDNN_MAX_HEAD_DIM}, and the model's is {head_dim}: use auto "
+            f"of 8 up to {cudnn_max_head_dim()} here, and the model's is {head_dim}: use auto "
             f"(blockwise for this model on a GPU), blockwise or xla"
         )
     if kind == "splash" and backend != "tpu":

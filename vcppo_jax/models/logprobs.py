@@ -32,7 +32,8 @@ def per_device(n: int, name: str) -> int:
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return n
-    axes = dict(rules).get(name) or ()
+    axes = next((axes for logical, axes in rules if logical == name), None) or ()  # Flax's:
+    # the first rule for a name applies.
     for axis in (axes,) if isinstance(axes, str) else axes:
         size = mesh.shape.get(axis, 1)
         if n % size == 0:

@@ -311,11 +311,11 @@ class Decoder(nn.Module):
             name="embed",
         )
         decoding = cache is not None and tokens.shape[1] == 1
-        table = embed.embedding
+        table = embed.embedding.astype(cfg.jnp_dtype)
         if not decoding:  # Gathered over the ``embed`` axis's devices, as FSDP gathers any
             # weight for use, so the looked-up rows come out laid out as the tokens' rows.
             table = nn.with_logical_constraint(table, ("vocab", None))
-        x = constrain_residual(jnp.take(table.astype(cfg.jnp_dtype), tokens, axis=0), decoding)
+        x = constrain_residual(jnp.take(table, tokens, axis=0), decoding)
         rope = rope_tables(cfg, positions)
         block = Block
         if cfg.remat != "none" and cache is None:
