@@ -358,7 +358,7 @@ VARIANT_OVERRIDES: dict[str, dict[str, object]] = {
     },
     # The paper's setting on a pod (8K context). On GPUs, launch with XLA_FLAGS=
     # --xla_gpu_reduce_scatter_combine_threshold_bytes=8388608: with XLA's default combining of
-    # the gradients' reduce-scatters, the compiled actor update holds ~5x the activations the
+    # the gradients' reduce-scatters, the compiled actor update holds ~4x the activations the
     # memory plan counts (README, "At scale").
     "qwen2.5-32b": {
         "model.hf_path": "/path/to/qwen2.5-32b-long-cot-sft",
