@@ -305,3 +305,45 @@ def test_value_inputs_errors_and_hf_refusal(tmp_path):
     critic = models.init_params(config, jax.random.key(0), head="value")
     with pytest.raises(NotImplementedError, match="value_inputs='hidden\\+likelihood'"):
         hf.save_checkpoint(str(tmp_path), config, critic, head="value")
+
+
+@pytest.mark.parametrize(
+    "dtype,param_dtype",
+    [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16)],
+)
+def test_attention_projections_are_flax_dense_general(dtype, param_dtype):
+    """The model's own projections (which, unlike Flax's DenseGeneral, trace under logical-axis
+    rules) create the parameters DenseGeneral creates from the same key and give its outputs,
+    bit for bit, for inputs of any rank."""
+    import flax.linen as nn
+
+    from vcppo_jax.models.transformer import HeadProjection, OutputProjection, _init
+
+    init = _init(("embed", "heads", "head_dim"))
+    ours = HeadProjection(3, 4, "heads", True, dtype, param_dtype)
+    theirs = nn.DenseGeneral(
+        (3, 4), dtype=dtype, param_dtype=param_dtype, kernel_init=init,
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+    )  # fmt: skip
+    out_ours = OutputProjection(8, dtype, param_dtype)
+    out_theirs = nn.DenseGeneral(
+        8, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=_init(("heads", "head_dim", "embed")),
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for shape in [(5, 8), (2, 5, 8), (2, 3, 5, 8)]:
+        x = jnp.asarray(rng.standard_normal(shape), dtype)
+        a = nn.meta.unbox(ours.init(jax.random.key(1), x))
+        b = nn.meta.unbox(theirs.init(jax.random.key(1), x))
+        b["params"]["bias"] = b["params"]["bias"] + 0.5  # A bias that shows.
+        a["params"]["bias"] = b["params"]["bias"]
+        np.testing.assert_array_equal(a["params"]["kernel"], b["params"]["kernel"])
+        y_ours, y_theirs = ours.apply(a, x), theirs.apply(b, x)
+        assert y_ours.dtype == y_theirs.dtype
+        np.testing.assert_array_equal(np.asarray(y_ours), np.asarray(y_theirs))
+        c = nn.meta.unbox(out_ours.init(jax.random.key(2), y_ours))
+        d = nn.meta.unbox(out_theirs.init(jax.random.key(2), y_ours))
+        np.testing.assert_array_equal(c["params"]["kernel"], d["params"]["kernel"])
+        z_ours, z_theirs = out_ours.apply(c, y_ours), out_theirs.apply(d, y_ours)
+        assert z_ours.dtype == z_theirs.dtype
+        np.testing.assert_array_equal(np.asarray(z_ours), np.asarray(z_theirs))
