@@ -277,20 +277,6 @@ def _rows(mesh, rules, shape, dtype):
     )
 
 
-def _traced(mesh, rules):
-    """The context a run traces its steps in (``Runner.run``): the mesh and the logical-axis
-    rules, which the model's activation constraints follow (``()``: none apply)."""
-    import contextlib
-
-    import flax.linen as nn
-    import jax
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(nn.logical_axis_rules(rules))
-    return stack
-
-
 def _abstract_state(config, head: str, mesh, rules):
     """The train state of ``config``'s actor (``head="lm"``) or critic as shapes placed as a
     run places them: parameters by the logical-axis ``rules``, Adam's moments as their
@@ -347,7 +333,7 @@ def train_memory(
         args = (*batch, f32, f32)
     t0 = time.perf_counter()
     try:
-        with _traced(mesh, rules if traced_under_rules else ()):
+        with sharding.tracing(mesh, rules if traced_under_rules else ()):
             compiled = jax.jit(fn, donate_argnums=0).lower(state, *args).compile()
     except Exception as e:  # Recorded; the other programs still compile.
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
@@ -382,7 +368,7 @@ def decode_kernels(
     key = jax.eval_shape(lambda: jax.random.key(0))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     sp = sampling.SamplingParams(max_new_tokens=new, temperature=0.0)
-    with _traced(mesh, rules if traced_under_rules else ()):
+    with sharding.tracing(mesh, rules if traced_under_rules else ()):
         first = sampling.prefill.lower(
             config,
             params,

@@ -147,9 +147,7 @@ def plan(
     out["gradients (one update)"] = max(out["policy parameters"], out["critic parameters"])
     # Where FSDP splits the LM head, the log-probs read it gathered over its ``embed`` axis
     # once for all chunks (``chunked_logprobs``), and its gradient builds up there.
-    embed_axes = dict(rules).get("embed") or ()
-    embed_axes = (embed_axes,) if isinstance(embed_axes, str) else embed_axes
-    if math.prod(mesh_shape[a] for a in embed_axes) > 1:
+    if math.prod(mesh_shape[a] for a in sharding.rule_axes("embed", rules)) > 1:
         head = e * mcfg.vocab_size * abytes // vocab_shards
         out["LM head gathered for the log-probs, and its gradient"] = 2 * head
         # And the embedding table, gathered the same way for the lookup in passes over many

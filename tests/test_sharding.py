@@ -146,6 +146,17 @@ def test_log_probs_gather_the_lm_head_once_and_size_chunks_per_device():
         assert models.auto_chunk_size(8, 2**20) == one_device
 
 
+def test_rule_axes_and_the_axes_that_divide():
+    rules = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("embed", "tensor"), ("x", None))
+    assert sharding.rule_axes("batch", rules) == ("data", "fsdp")
+    assert sharding.rule_axes("embed", rules) == ("fsdp",)  # The first rule, as Flax reads it.
+    assert sharding.rule_axes("x", rules) == () and sharding.rule_axes("unlisted", rules) == ()
+    sizes = {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sharding.dividing_axes(8, ("data", "fsdp"), sizes) == ("data", "fsdp")
+    assert sharding.dividing_axes(6, ("data", "fsdp"), sizes) == ("data",)  # 3 rows left.
+    assert sharding.dividing_axes(8, ("tensor", "fsdp"), sizes) == ("fsdp",)  # Size 1: none.
+
+
 def test_indivisible_dimension_is_named():
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8})
     with pytest.raises(sharding.ShardingError, match=r"kv_heads|k_proj.*not divisible"):

@@ -22,7 +22,6 @@ import signal
 import sys
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -652,12 +651,10 @@ class Experiment:
     def run(self) -> None:
         """Runs the stages from where the workdir's checkpoint left off, checkpointing as it
         goes; stops cleanly (with a checkpoint) on SIGTERM or after stop_after_steps. Steps are
-        traced under the run's mesh (``jax.set_mesh``), so kernels that must run per shard
-        (the Pallas splash attention) see it, and under its logical-axis rules, so the model's
-        activation constraints take the run's layout. (jit keys its traces on the mesh in force,
-        not on Flax's rules: the two are entered together, so a trace under this mesh is one
-        under these rules.)"""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        traced under the run's mesh, so kernels that must run per shard (the Pallas splash
+        attention) see it, and under its logical-axis rules, so the model's activation
+        constraints take the run's layout (``sharding.tracing``)."""
+        with sharding.tracing(self.mesh, self.rules):
             self._run()
 
     def _run(self) -> None:

@@ -17,8 +17,9 @@ function is jitted with ``out_shardings``, so no device ever holds a full copy.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -128,10 +129,38 @@ def check_divisible(shapes, shardings) -> None:
     jax.tree_util.tree_map_with_path(check, shapes, shardings)
 
 
+def rule_axes(name: str, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """The mesh axes the rules give the logical axis ``name`` (empty: replicated), read as Flax
+    reads a table for the model's activation constraints: the first rule for a name."""
+    axes = next((axes for logical, axes in rules if logical == name), None) or ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def dividing_axes(dim: int, axes: Sequence[str], sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """Of the mesh ``axes`` (with their ``sizes``), in order, those that split ``dim`` evenly
+    one after another; an axis of size 1 splits nothing and is left out."""
+    out, n = [], 1
+    for axis in axes:
+        size = sizes.get(axis, 1)
+        if size > 1 and dim % (n * size) == 0:
+            out.append(axis)
+            n *= size
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def tracing(mesh: Mesh, rules=DEFAULT_RULES) -> Iterator[None]:
+    """The context a run traces its steps in: the mesh (``jax.set_mesh``) and its logical-axis
+    rules (``nn.logical_axis_rules``), which the model's activation constraints follow (``()``:
+    none apply). Always entered together: jit keys its traces on the mesh in force, not on
+    Flax's rules, so a trace under this mesh is then one under these rules."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
 def batch_axes(rules=DEFAULT_RULES) -> tuple[str, ...]:
     """The mesh axes the ``batch`` rule splits a batch over (empty: replicated)."""
-    axes = dict(rules).get("batch") or ()
-    return (axes,) if isinstance(axes, str) else tuple(axes)
+    return rule_axes("batch", rules)
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES, ndim: int = 2) -> NamedSharding:

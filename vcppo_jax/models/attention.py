@@ -242,19 +242,10 @@ def _row_and_head_spec(mesh, rows: int, heads: int):
 
     from vcppo_jax import sharding
 
-    def split(dim, names):  # The named mesh axes, in order, while they divide ``dim``.
-        axes, n = [], 1
-        for name in names:
-            size = mesh.shape.get(name, 1)
-            if size > 1 and dim % (n * size) == 0:
-                axes.append(name)
-                n *= size
-        return tuple(axes) or None
+    def split(dim, name):  # The rule's mesh axes, in order, while they divide ``dim``.
+        return sharding.dividing_axes(dim, sharding.rule_axes(name), mesh.shape) or None
 
-    row_axes = sharding.batch_axes(sharding.DEFAULT_RULES)
-    kv = dict(sharding.DEFAULT_RULES)["kv_heads"]
-    head_axes = (kv,) if isinstance(kv, str) else tuple(kv or ())
-    return P(split(rows, row_axes), split(heads, head_axes))
+    return P(split(rows, "batch"), split(heads, "kv_heads"))
 
 
 def _alike(*xs, heads_axis: int, lengths=()):

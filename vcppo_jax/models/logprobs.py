@@ -7,9 +7,13 @@ Shared by the actor's ``token_logprobs`` and by a value model that reads its own
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vcppo_jax import sharding
 
 # One chunk's float32 logits stay under this many bytes by default.
 LOGITS_CHUNK_BYTES = 256 * 2**20
@@ -32,13 +36,8 @@ def per_device(n: int, name: str) -> int:
     rules = nn.get_logical_axis_rules()
     if mesh.empty or not rules:
         return n
-    axes = next((axes for logical, axes in rules if logical == name), None) or ()  # Flax's:
-    # the first rule for a name applies.
-    for axis in (axes,) if isinstance(axes, str) else axes:
-        size = mesh.shape.get(axis, 1)
-        if n % size == 0:
-            n //= size
-    return n
+    axes = sharding.dividing_axes(n, sharding.rule_axes(name, rules), mesh.shape)
+    return n // math.prod(mesh.shape[a] for a in axes)
 
 
 def mask_unused(logits, vocab_limit: int):

@@ -38,8 +38,8 @@ Cache = dict[str, dict[str, jax.Array]]
 # (replicated by default: the parameters' ``embed`` axis is FSDP's, which the rows already
 # use), so FSDP gathers weights rather than activations. A decode step (one token per row) is
 # left to the partitioner: there moving the few activations is far cheaper than gathering
-# every weight for each token (compiled for 256 H100s, Qwen2.5-32B cut to 8 layers: 54 MB of
-# collectives per token unconstrained, 2.6 GB constrained).
+# every weight for each token (compiled for 256 H100s, Qwen2.5-32B cut to 8 layers: 55 MB of
+# collectives per token unconstrained, at least 2.6 GB of weights gathered constrained).
 RESIDUAL = ("batch", "length", "activation_embed")
 
 
