@@ -4,7 +4,7 @@ GPU on a machine that has none.
     pip install "jax-cuda12-plugin[with-cuda]==0.10.2"   # the compiler and CUDA's tools only
     python -m benchmarks.gpu_compile [--target h100] [--parts train,decode] \\
         [--models qwen2.5-0.5b,qwen2.5-1.5b] [--shapes 8x2048,2x8192,1x32768] \\
-        [--attention cudnn,blockwise,xla] [--decode 64x128x512]
+        [--attention cudnn,blockwise,xla] [--remat full] [--decode 64x128x512]
     python -m benchmarks.gpu_compile --parts config --config configs/vcppo.py:small [--devices 8]
     python -m benchmarks.gpu_compile --parts config --config configs/vcppo.py:qwen2.5-32b \
         --devices 256 [--layers 8]
@@ -15,9 +15,11 @@ The programs are the project's own, compiled as a run would compile them, but ne
 every figure here is the compiler's plan, not a measurement of time:
 
 - ``train``: for each model shape, ``B x T`` shape and attention implementation, the PPO actor
-  update and the critic update (bf16, remat full, as ``benchmarks/train.py``): XLA's compiled
-  memory analysis (temporaries, arguments, outputs) and the number of cuDNN attention calls.
-  Whether training memory grows linearly with T is read off the temporaries.
+  update and the critic update (bf16, remat full by default, as ``benchmarks/train.py``; other
+  ``--remat`` policies under keys ending ``/remat=POLICY``): XLA's compiled memory analysis
+  (temporaries, arguments, outputs) and the number of cuDNN attention calls. Whether training
+  memory grows linearly with T is read off the temporaries; whether a shape fits a card without
+  remat's recomputation (a third more FLOPs, which MFU does not count), off the others.
 - ``config``: an experiment config's (``--config path:VARIANT``) actor and critic updates of
   one minibatch and its decode loop of one rollout batch, on ``--devices`` GPUs under the
   config's own mesh and logical-axis rules (memory per device, and the collectives each
@@ -298,13 +300,13 @@ def _abstract_state(config, head: str, mesh, rules):
     return rest.replace(params=_placed(state.params, placed), opt_state=opt)
 
 
-def shape_config(model: str, attention: str):
-    """A ``benchmarks/train.py`` model shape in bf16 with remat full."""
+def shape_config(model: str, attention: str, remat: str = "full"):
+    """A ``benchmarks/train.py`` model shape in bf16 (remat full unless asked otherwise)."""
     from benchmarks.train import SHAPES
     from vcppo_jax.models import ModelConfig
 
     return ModelConfig(
-        **SHAPES[model], dtype="bfloat16", param_dtype="bfloat16", remat="full", attention=attention
+        **SHAPES[model], dtype="bfloat16", param_dtype="bfloat16", remat=remat, attention=attention
     )
 
 
@@ -459,6 +461,9 @@ def main() -> None:
     parser.add_argument("--models", default="qwen2.5-0.5b,qwen2.5-1.5b")
     parser.add_argument("--shapes", default="8x2048,2x8192,1x32768")
     parser.add_argument("--attention", default="cudnn,blockwise,xla")
+    parser.add_argument(
+        "--remat", default="full", choices=("none", "full", "dots"), help="the train part's"
+    )
     parser.add_argument("--decode", default="64x128x512", help="batch x prompt x new tokens")
     parser.add_argument(
         "--config", default=None, help="the config part's experiment config (path:VARIANT)"
@@ -515,9 +520,10 @@ def main() -> None:
             for head, update in (("lm", "actor"), ("value", "critic")):
                 for kind in args.attention.split(","):
                     key = f"{model}/{b}x{t}/{update}/{kind}"
+                    key += "" if args.remat == "full" else f"/remat={args.remat}"
                     if key in report["train"]:
                         continue
-                    r = train_memory(mesh, shape_config(model, kind), b, t, head)
+                    r = train_memory(mesh, shape_config(model, kind, args.remat), b, t, head)
                     report["train"][key] = r
                     gib = {k: round(v / 2**30, 3) for k, v in r.items() if k.endswith("bytes")}
                     print(f"[compile] {key}: {gib or r}", flush=True)

@@ -20,13 +20,15 @@ named shape, with the attention implementation asked for and, as the peer in the
 
 A shape whose peer fails (e.g. out of memory) records the error and goes on. On a CPU use small
 shapes (``--model long``): the point there is the compiled memory growing linearly with T for
-``blockwise`` and quadratically for ``xla``. Writes ``benchmarks/results/train_<backend>.json``.
+``blockwise`` and quadratically for ``xla``. Writes ``benchmarks/results/train_<backend>.json``
+(or ``--out``) after each update measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import time
 
@@ -145,8 +147,12 @@ def measure(config: ModelConfig, head: str, b: int, t: int, steps: int) -> dict:
     return out
 
 
-def run(model: str, shapes, attention: str, peer: str, dtype: str, remat: str, steps: int):
-    """The report: per shape, update and implementation, ``measure``'s numbers."""
+def run(
+    model: str, shapes, attention: str, peer: str, dtype: str, remat: str, steps: int, out=None
+):
+    """The report: per shape, update and implementation, ``measure``'s numbers, written to
+    ``out`` (where given) after each, so a run cut short by a time limit keeps what it
+    measured."""
     base = ModelConfig(**SHAPES[model], param_dtype=dtype, dtype=dtype, remat=remat)
     kinds = [attention_lib.resolve(attention, dtype=dtype)] + ([peer] if peer else [])
     report = {
@@ -168,6 +174,8 @@ def run(model: str, shapes, attention: str, peer: str, dtype: str, remat: str, s
                 report["results"][f"{b}x{t}/{name}/{kind}"] = r
                 shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in r.items()}
                 print(f"[train] {b}x{t} {name} {kind}: {shown}", flush=True)
+                if out:
+                    write_report(report, "train", out)
     return report
 
 
@@ -183,8 +191,10 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
-    report = run(args.model, shapes, args.attention, args.peer, args.dtype, args.remat, args.steps)
-    write_report(report, "train", args.out)
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"train_{jax.default_backend()}.json"
+    )
+    run(args.model, shapes, args.attention, args.peer, args.dtype, args.remat, args.steps, out)
 
 
 if __name__ == "__main__":

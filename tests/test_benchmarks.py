@@ -15,14 +15,18 @@ def test_flops_count_by_hand():
     assert train.flops_per_token(c, 10, "lm") == 6 * (2 * 576 + 800) + 12 * 2 * 8 * 10
 
 
-def test_a_tiny_run_reports_memory_and_speed_for_both_updates():
-    report = train.run("long", [(1, 32)], "blockwise", "xla", "float32", "none", steps=1)
+def test_a_tiny_run_reports_memory_and_speed_for_both_updates(tmp_path):
+    import json
+
+    out = tmp_path / "train.json"
+    report = train.run("long", [(1, 32)], "blockwise", "xla", "float32", "none", 1, str(out))
     assert report["attention"] == "blockwise" and report["peer"] == "xla"
     keys = {f"1x32/{u}/{k}" for u in ("actor", "critic") for k in ("blockwise", "xla")}
     assert set(report["results"]) == keys
     for r in report["results"].values():
         assert r["compiled_temp_bytes"] > 0 and r["tokens_per_s"] > 0
         assert "error" not in r
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))  # Written as it went.
 
 
 def test_decode_floor_by_hand_and_the_qwen_shape():
