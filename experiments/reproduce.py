@@ -60,6 +60,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...], str]] = {
         VCPPO,
         (
             "--config.advantage.estimator=grpo",
+            "--config.gae.whiten_advantages=False",
             "--config.rollout.samples_per_prompt=4",
             "--config.rollout.prompts_per_step=8",
             "--config.critic.init=policy",

@@ -84,6 +84,18 @@ def test_each_bad_field_is_named(path, value, message):
     assert len(info.value.problems) == 1, info.value.problems
 
 
+def test_grpo_refuses_whitening_its_group_normalised_advantages_again():
+    c = vcppo.get_config("tiny")
+    c.advantage.estimator = "grpo"
+    c.rollout.samples_per_prompt = 2
+    with pytest.raises(ConfigError) as info:
+        validate_config(c)
+    assert info.value.problems == [info.value.problems[0]]
+    assert "gae.whiten_advantages=True with advantage.estimator='grpo'" in str(info.value)
+    c.gae.whiten_advantages = False
+    validate_config(c)
+
+
 def test_all_problems_reported_at_once():
     c = vcppo.get_config("tiny")
     c.gae.lambda_actor = 2.0

@@ -545,6 +545,7 @@ def test_grpo_and_every_ppo_option_run(tmp_path):
     grpo = run_main(
         str(tmp_path / "grpo"),
         "--config.advantage.estimator=grpo",
+        "--config.gae.whiten_advantages=False",
         "--config.rollout.samples_per_prompt=2",
         "--config.rollout.prompts_per_step=4",
         "--config.critic.init=policy",

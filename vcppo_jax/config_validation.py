@@ -139,8 +139,15 @@ def validate_gae(check: Checker) -> None:
         "a positive number (VAPO uses 0.05) or None",
         optional=True,
     )
-    check("advantage.estimator", *one_of(ESTIMATORS))
-    check("gae.whiten_advantages", is_bool, "True or False")
+    estimator = check("advantage.estimator", *one_of(ESTIMATORS))
+    whiten = check("gae.whiten_advantages", is_bool, "True or False")
+    if estimator == "grpo" and whiten:
+        check.problem(
+            "gae.whiten_advantages=True with advantage.estimator='grpo': GRPO's advantages are "
+            "already normalised within each group; whitened again over the batch's tokens, the "
+            "mean subtracted is weighted by response length and can turn a correct answer's "
+            "advantage negative. Set --config.gae.whiten_advantages=False"
+        )
 
 
 def validate_ppo(check: Checker) -> None:
