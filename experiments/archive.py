@@ -82,6 +82,21 @@ def unread_fields(config: dict) -> tuple[str, ...]:
     return tuple(unread)
 
 
+def placement_rules(rules) -> dict:
+    """Logical-axis rules as what they place: each logical name's mesh axes (the first rule for
+    a name, as Flax reads the table), names left replicated dropped, since a name no rule
+    matches is replicated too. Two tables that place every name alike compare equal, e.g. one
+    with a rule added as ``(name, None)`` (``activation_embed``) and one from before it."""
+    from vcppo_jax.sharding import rule_axes
+
+    names = dict.fromkeys(name for name, _ in rules)
+    return {n: list(axes) for n in names if (axes := rule_axes(n, rules))}
+
+
+# Fields compared by what they mean rather than as written.
+CANONICAL = {"mesh.rules": placement_rules}
+
+
 def config_differences(archived: dict, wanted: dict) -> list[str]:
     """One line per field set in both configs to different values. A field only one of them
     has (added to the project after the run, or since removed) is not compared, except one of
@@ -103,6 +118,8 @@ def config_differences(archived: dict, wanted: dict) -> list[str]:
         a, b = old[k], new[k]
         if isinstance(a, list) or isinstance(b, (list, tuple)):  # JSON has no tuples.
             a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+        if k in CANONICAL and CANONICAL[k](a) == CANONICAL[k](b):
+            continue
         if a != b:
             lines.append(f"{k}: archived {a!r}, asked for {b!r}")
     return lines

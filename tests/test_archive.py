@@ -164,3 +164,32 @@ def test_a_reward_model_export_is_kept_only_from_a_run_that_stops_before_ppo(
     (wd / "reward_model_export" / "params.npz").write_text("w")
     archive.save(str(wd), str(tmp_path / "archive"))
     assert os.path.isdir(tmp_path / "archive" / "reward_model_export") == kept
+
+
+@pytest.mark.parametrize("run", ["sft/seed_0", "ppo/seed_0", "vcppo/seed_0"])
+def test_the_committed_long_study_is_reused_under_todays_config(run, monkeypatch):
+    """The README's long-study commands restore the committed runs: each still matches the
+    config its command asks for today, so a change of default that alters no run (a logical
+    axis given a rule that leaves it replicated, as no rule does) does not make the study run
+    again, or stop it."""
+    monkeypatch.setattr(reproduce, "COMMON_FLAGS", ["--config.model.mask_unused_vocab=False"])
+    arch = "docs/results/study_long_sft2400"
+    if run.startswith("sft/"):
+        cmd = reproduce._cmd(reproduce.VCPPO, "long", "unused", 0, *reproduce.SFT_ONLY)
+    else:
+        sft, rm = (os.path.join(arch, stage, "seed_0") for stage in ("sft", "reward_model"))
+        _, cmd = reproduce.method_cmd("unused", run.split("/")[0], 0, "long", (), sft, rm)
+    with open(os.path.join(arch, run, "config.json")) as f:
+        made = json.load(f)
+    assert archive.config_differences(made, reproduce.wanted_config(cmd)) == []
+
+
+def test_rules_compare_by_what_they_place():
+    old = [["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["length", None]]
+    same = [*old, ["activation_embed", None], ["embed", "tensor"]]  # Flax reads the first.
+    assert archive.placement_rules(old) == archive.placement_rules(same)
+    assert archive.config_differences({"mesh": {"rules": old}}, {"mesh": {"rules": same}}) == []
+    moved = [["batch", ["data", "fsdp"]], ["embed", None], ["embed", "fsdp"]]
+    assert archive.config_differences({"mesh": {"rules": old}}, {"mesh": {"rules": moved}}) == [
+        f"mesh.rules: archived {old!r}, asked for {moved!r}"
+    ]
