@@ -146,6 +146,48 @@ def test_changed_fields_on_resume_are_listed_and_recorded(full_run, tmp_path):
         assert json.load(f)["gae"]["lambda_actor"] == 0.5
 
 
+def test_a_stop_on_the_last_step_keeps_the_final_evaluation(full_run, tmp_path):
+    """The final evaluation runs before the checkpoint that ends PPO, so a run stopped on its
+    last step (6 + 3 + 3 + 3 steps) has it, and its resume has nothing left to do."""
+    wd = str(tmp_path / "stopped")
+    first = run_main(wd, "--config.stop_after_steps=15")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped (stop_after_steps) after ppo step 3" in first.stderr
+    assert comparable(rows(wd)) == comparable(rows(full_run[0]))
+    again = run_main(wd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert comparable(rows(wd)) == comparable(rows(full_run[0]))
+
+
+def test_a_finished_stage_is_not_given_another_step_count(full_run, tmp_path):
+    wd = str(tmp_path / "copy")
+    shutil.copytree(full_run[0], wd)
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        before = f.read()
+    out = run_main(wd, "--config.ppo.steps=6")
+    assert out.returncode == 1, out.stderr[-3000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("error:")]
+    assert "ppo: finished at 3 steps, now asked for 6" in line and "new --workdir" in line
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        assert f.read() == before
+
+
+def test_a_finished_run_without_checkpoints_is_refused(full_run, tmp_path):
+    """A study driver's finished run (DONE) restored from an archive keeps no checkpoints:
+    running it again would retrain and overwrite its results."""
+    wd = str(tmp_path / "archived")
+    shutil.copytree(full_run[0], wd, ignore=shutil.ignore_patterns("checkpoints"))
+    with open(os.path.join(wd, "DONE"), "w") as f:
+        f.write("12 s\n")
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        before = f.read()
+    out = run_main(wd)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "holds a finished run (DONE) but no checkpoint" in out.stderr
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        assert f.read() == before
+
+
 def test_rows_of_an_unsaved_attempt_and_a_torn_line_are_dropped(full_run, tmp_path):
     """A run killed before its first checkpoint (and mid-line) leaves rows that a rerun, which
     starts from scratch, writes again: they must not stay twice."""
@@ -155,9 +197,15 @@ def test_rows_of_an_unsaved_attempt_and_a_torn_line_are_dropped(full_run, tmp_pa
         for s in range(3):
             f.write(json.dumps({"step": s, "stage": "sft", "time": 0.0, "sft/loss": 9.0}) + "\n")
         f.write('{"step": 3, "stage": "sf')  # Torn.
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        before = f.read()
     out = run_main(wd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "dropping a torn last line" in out.stderr
+    # What was there is kept beside the file, in case it is all that is left of a run.
+    assert "kept in" in out.stderr and "metrics.jsonl.unsaved-1" in out.stderr
+    with open(os.path.join(wd, "metrics.jsonl.unsaved-1")) as f:
+        assert f.read() == before
     assert comparable(rows(wd)) == comparable(rows(full_run[0]))
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from vcppo_jax.checkpoint import (
     RUN_KEYS,
     SFT_KEYS,
     Checkpointer,
+    CheckpointMismatchError,
     fingerprint,
 )
 from vcppo_jax.config_validation import validate_config
@@ -413,6 +415,7 @@ class Experiment:
             "stage_step": stage_step,
             "stage": self.stages[stage_index] if stage_index < len(self.stages) else "done",
             "stages": self.stages,
+            "totals": {stage: self.total_steps(stage) for stage in self.stages},
             "fingerprint": fingerprint(self.config, RUN_KEYS),
             "data": self.source.state(),
             "vp_history": self._vp_history,
@@ -429,15 +432,15 @@ class Experiment:
         self._ckpt_step = self.checkpointer.latest_step() or 0
         self._resumed_at = None
         if restored is None:
-            # Nothing to resume: rows an earlier, unsaved attempt wrote will be written again.
-            self.metrics.trim_to(self.stages, 0, 0)
+            self._start_afresh()
             return 0, 0
         tree, meta = restored
         if meta["stages"] != self.stages:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"the checkpoint's stages {meta['stages']} differ from this config's "
                 f"{self.stages}; use a new --workdir"
             )
+        self._check_finished_stages(meta)
         self.states = tree
         self._resumed_at = f"{meta['stage']} step {meta['stage_step']}"
         self.source.restore(meta.get("data", {}))
@@ -450,6 +453,52 @@ class Experiment:
             flush=True,
         )
         return meta["stage_index"], meta["stage_step"]
+
+    def _start_afresh(self) -> None:
+        """No checkpoint to resume from. A workdir the study drivers marked finished (``DONE``,
+        e.g. restored from an archive, which keeps no checkpoints) is refused: running would
+        overwrite its results. Rows an earlier attempt wrote before its first checkpoint will
+        be written again; they are kept beside the file (``metrics.jsonl.unsaved-N``) first, in
+        case they are all that is left of a run whose checkpoints were removed."""
+        done = os.path.join(self.workdir, "DONE")
+        if os.path.exists(done):
+            raise workdir_lib.WorkdirError(
+                f"{self.workdir} holds a finished run (DONE) but no checkpoint to resume from "
+                "(restored from an archive, or its checkpoints removed); running would overwrite "
+                "its results: use another --workdir"
+            )
+        path = self.metrics.path
+        if jax.process_index() == 0 and os.path.exists(path) and os.path.getsize(path):
+            n = 1
+            while os.path.exists(f"{path}.unsaved-{n}"):
+                n += 1
+            shutil.copy2(path, f"{path}.unsaved-{n}")
+            print(
+                f"no checkpoint in {self.workdir}: starting afresh; the metrics rows already "
+                f"there are kept in {path}.unsaved-{n}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.metrics.trim_to(self.stages, 0, 0)
+
+    def _check_finished_stages(self, meta: dict) -> None:
+        """SFT or PPO finished in the checkpoint cannot be given another step count: its last
+        steps (and, for PPO, the final evaluation) have run. (The reward model's count is 0 in a
+        run that reads one, and value pretraining's is a cap it may stop short of.) Checkpoints
+        from before the counts were recorded are not checked."""
+        saved = meta.get("totals") or {}
+        finished = self.stages[: meta["stage_index"]]
+        changed = [
+            f"{stage}: finished at {saved[stage]} steps, now asked for {self.total_steps(stage)}"
+            for stage in ("sft", "ppo")
+            if stage in finished and stage in saved and saved[stage] != self.total_steps(stage)
+        ]
+        if changed:
+            raise CheckpointMismatchError(
+                f"the checkpoint in {self.workdir} has finished stages whose step count this "
+                f"config changes ({'; '.join(changed)}): a finished stage is not extended or cut; "
+                "use a new --workdir, or the step counts it ran with"
+            )
 
     def _truncate_metrics(self, stage_index: int, stage_step: int) -> None:
         """Drops metric rows written after the checkpoint being resumed (they will be written
@@ -718,6 +767,8 @@ class Experiment:
                         progress.update(step, row, keys[stage])
                     last = step + 1 == total or self._stage_converged(stage, step)
                     if last:
+                        if stage == "ppo":  # Before the checkpoint that ends the stage.
+                            self.metrics.write(total, "eval", self.evaluate(total))
                         self._exit_stage(stage)
                     steps_this_run += 1
                     pause = c.stop_after_steps is not None and steps_this_run >= c.stop_after_steps
@@ -739,8 +790,6 @@ class Experiment:
                         return
                     if last:  # Also when the stage converged before its step count.
                         break
-                if stage == "ppo" and start < total:
-                    self.metrics.write(total, "eval", self.evaluate(total))
             if self._stop_requested:  # SIGTERM during an evaluation after the last step.
                 self.checkpointer.wait()
                 print(
