@@ -223,6 +223,100 @@ def test_a_worker_stuck_beyond_the_timer_is_cut_off_by_the_batch_deadline(monkey
         v.close()
 
 
+def _spin(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def _math_verify_then_spin(pred, gold):
+    """math-verify's own check, then 3 s more work where the answer says "slow"."""
+    ok = rewards._math_verify_one(pred, gold)
+    if "slow" in pred:
+        _spin(3.0)
+    return ok
+
+
+def test_the_answer_timeout_holds_across_math_verify():
+    """math-verify's parse and verify must not arm and cancel SIGALRM timers of their own: an
+    answer math-verify has checked that then runs past its time is cut off at its own timeout
+    and counted as one."""
+    v = rewards.MathVerifier(workers=1, timeout_s=60.0, verify_fn=_math_verify_then_spin)
+    try:
+        assert v(["\\boxed{2}"], ["2"]).correct.tolist() == [True]  # Imports math-verify.
+        v.timeout_s = 0.5
+        t0 = time.monotonic()
+        res = v(["slow \\boxed{3}", "\\boxed{4}"], ["3", "4"])
+        assert time.monotonic() - t0 < 2.5
+        assert res.correct.tolist() == [False, True]
+        assert res.timeouts == 1 and res.errors == 0
+    finally:
+        v.close()
+
+
+def _own_alarm(pred, gold):
+    """Arms and cancels a SIGALRM timer of its own, as math-verify's timeout decorator does,
+    and swallows its own timeout; "inner" runs 3 s inside that timer, "outer" 3 s after it."""
+
+    def handler(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.alarm(5)
+    try:
+        if pred.startswith("inner"):
+            _spin(3.0)
+        ok = pred.split()[-1] == gold
+    except TimeoutError:
+        ok = True  # A verifier that answers anyway: the time it took still counts.
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    if pred.startswith("outer"):
+        _spin(3.0)
+    return ok
+
+
+def test_the_answer_timeout_holds_when_the_verifier_uses_sigalrm():
+    v = rewards.MathVerifier(workers=2, timeout_s=0.5, verify_fn=_own_alarm)
+    try:
+        assert v(["1", "2"], ["1", "2"]).correct.tolist() == [True, True]  # Starts the pool.
+        for _ in range(2):
+            t0 = time.monotonic()
+            res = v(["outer 1", "inner 2", "3", "4"], ["1", "2", "3", "0"])
+            assert time.monotonic() - t0 < 2.5
+            np.testing.assert_array_equal(res.correct, [False, False, True, False])
+            assert res.timeouts == 2 and res.errors == 0
+    finally:
+        v.close()
+
+
+def _exit_on_die(pred, gold):
+    if pred == "die":
+        os._exit(1)
+    if pred == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return pred == gold
+
+
+def test_a_crashed_worker_costs_only_its_own_answer():
+    """A verifier that kills its worker process scores that answer as an error; every other
+    answer of the batch keeps its real outcome, and the next batch runs on a fresh pool."""
+    v = rewards.MathVerifier(workers=2, timeout_s=5.0, verify_fn=_exit_on_die)
+    try:
+        res = v(["1", "die", "3", "4", "5"], ["1", "2", "3", "0", "5"])
+        np.testing.assert_array_equal(res.correct, [True, False, True, False, True])
+        assert res.errors == 1 and res.timeouts == 0
+        res = v(["6", "7"], ["6", "0"])
+        assert res.correct.tolist() == [True, False] and res.errors == 0
+        res = v(["8", "die", "segv", "9", "die"], ["8", "1", "1", "9", "1"])
+        np.testing.assert_array_equal(res.correct, [True, False, False, True, False])
+        assert res.errors == 3 and res.timeouts == 0
+        assert v(["10"], ["10"]).correct.tolist() == [True]
+    finally:
+        v.close()
+
+
 @pytest.mark.slow
 def test_math_verify_latex_equivalence():
     v = rewards.MathVerifier(workers=1, timeout_s=30.0)
