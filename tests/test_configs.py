@@ -191,3 +191,39 @@ def test_small_trains_the_sft_recipe_its_committed_run_learned():
     # The run differed only where the CPU needed it: float32 and materialised attention.
     assert (ran["model"]["dtype"], ran["model"]["attention"]) == ("float32", "xla")
     assert c["rollout"]["max_new_tokens"] == ran["rollout"]["max_new_tokens"] == 128
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config=configs/nope.py:tiny"], "no such config file 'configs/nope.py'"),
+        (["--config=configs/vcppo.py:bogus"], "unknown config variant 'bogus'"),
+        (
+            ["--config=configs/vcppo.py:tiny", "--config.gae.lambda_actor=abc"],
+            "--config.gae.lambda_actor=abc: could not convert",
+        ),
+        (["--config=configs/vcppo.py:tiny", "--config.seed=-1"], "seed=-1: expected an integer"),
+    ],
+)
+def test_bad_config_files_and_values_end_in_one_error_line(args, message):
+    out = run_main(*args, "--validate_only")
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_errors_a_user_can_act_on_are_one_line():
+    import errno
+
+    from vcppo_jax.main import user_error
+    from vcppo_jax.metrics import MetricsFileError
+    from vcppo_jax.models.hf import CheckpointError
+    from vcppo_jax.tokenizer import TokenizerError
+
+    for e in (CheckpointError("x"), TokenizerError("x"), MetricsFileError("x")):
+        assert user_error(e) == "x"
+    assert user_error(FileNotFoundError("sft.init_from='/a': no finished SFT policy")) == (
+        "sft.init_from='/a': no finished SFT policy"
+    )
+    missing = FileNotFoundError(errno.ENOENT, "No such file or directory", "/a/b")
+    assert user_error(missing) == "/a/b: No such file or directory"
+    assert user_error(RuntimeError("a bug")) is None

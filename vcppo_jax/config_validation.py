@@ -329,7 +329,11 @@ def validate_model(check: Checker) -> None:
 
 def validate_loop(check: Checker) -> None:
     """Seed, evaluation, logging and checkpoint cadence."""
-    check("seed", lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer")
+    check(
+        "seed",
+        lambda x: isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32,
+        "an integer in [0, 2**32)",
+    )
     for field in ("eval.every_steps", "log_every_steps", "checkpoint_every_steps"):
         check(field, positive_int, "an integer >= 1")
     check("eval.num_prompts", positive_int, "an integer >= 1")

@@ -16,6 +16,7 @@ import errno
 import importlib.util
 import os
 import sys
+from concurrent.futures.process import BrokenProcessPool
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -86,7 +87,11 @@ def user_error(e: BaseException) -> str | None:
         CheckpointSaveError,
     )
     from vcppo_jax.data.math_prompts import DataError
+    from vcppo_jax.metrics import MetricsFileError
     from vcppo_jax.models.attention import BackendError
+    from vcppo_jax.models.hf import CheckpointError
+    from vcppo_jax.models.safetensors_io import SafetensorsError
+    from vcppo_jax.tokenizer import TokenizerError
     from vcppo_jax.workdir import WorkdirError
 
     known = (
@@ -96,12 +101,20 @@ def user_error(e: BaseException) -> str | None:
         CheckpointDamagedError,
         CheckpointMismatchError,
         CheckpointSaveError,
+        CheckpointError,  # A Hugging Face checkpoint (model.hf_path) that cannot be read.
+        SafetensorsError,
+        TokenizerError,
+        MetricsFileError,
     )
     if isinstance(e, known):
         return str(e)
-    if isinstance(e, OSError) and e.errno in _OS_ERRNOS:
+    if isinstance(e, FileNotFoundError) and e.errno is None:  # The project's own message.
+        return str(e)
+    if isinstance(e, OSError) and e.errno in (*_OS_ERRNOS, errno.ENOENT):
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror}"
+    if isinstance(e, BrokenProcessPool):
+        return f"the answer-verifier pool failed to start ({e})"
     return None
 
 
@@ -136,10 +149,33 @@ def unknown_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+def _config_file_problem(argv: list[str]) -> str | None:
+    """The one-line problem with ``--config=FILE[:ARG]``'s file, if it has one: missing, or
+    without the ``get_config`` a config file defines."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None:
+        return None
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        return f"--config={spec}: no such config file {path!r}"
+    return None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a one-line error for an override of an unknown field."""
+    """absl's flag parsing, with a one-line error (exit status 2) for a missing config file, an
+    override of an unknown field, and a value a flag or the config file refuses (a malformed
+    number, an unknown variant)."""
+    if problem := _config_file_problem(argv):
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     try:
         return flags.FLAGS(argv)
+    except (flags.Error, ValueError) as e:  # --config.gae.lambda_actor=abc, FILE:bogus.
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        if "Traceback (most recent call last):" in lines:  # The config file's: its last line.
+            lines = [lines[0].rstrip(":") + ":", lines[-1]]
+        print("error: " + " ".join(lines), file=sys.stderr)
+        sys.exit(2)
     except (AttributeError, KeyError):
         try:
             problems = unknown_overrides(argv)

@@ -88,6 +88,10 @@ class MetricsWriter:
                 self._tb.close()
 
 
+class MetricsFileError(ValueError):
+    """A metrics file with a line that is not a JSON row (other than a torn last line)."""
+
+
 def _rows(path: str) -> list[tuple[str, dict[str, Any]]]:
     """(line, row) of each line of a metrics file. A torn last line (a run killed while
     writing it) is dropped with a warning; a bad line elsewhere is an error naming it."""
@@ -103,7 +107,7 @@ def _rows(path: str) -> list[tuple[str, dict[str, Any]]]:
             if i == len(lines) - 1:
                 print(f"warning: {path}: dropping a torn last line ({e})", file=sys.stderr)
                 continue
-            raise ValueError(f"{path}, line {i + 1}: not a JSON row ({e})") from e
+            raise MetricsFileError(f"{path}, line {i + 1}: not a JSON row ({e})") from e
     return out
 
 
