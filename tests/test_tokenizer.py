@@ -103,3 +103,22 @@ def test_vocab_check_and_errors(spm_path, tmp_path):
         load_tokenizer(str(bad))
     with pytest.raises(TokenizerError, match="must contain"):
         load_tokenizer(spm_path, prompt_template="no placeholder")
+
+
+def test_a_workdirs_tokenizer_serves_only_the_task_it_was_trained_for(tmp_path):
+    """A workdir's tokenizer is trained on its task's corpus: with the task changed (labels
+    on, whose letters it has never seen) it is refused, not reused with every letter <unk>."""
+    from vcppo_jax.data.sources import SyntheticSource
+    from vcppo_jax.data.synthetic import AdditionTask
+    from vcppo_jax.tokenizer import TokenizerError
+
+    wd = str(tmp_path)
+    first = SyntheticSource(AdditionTask(5, 1), wd, 0, 48).tokenizer
+    again = SyntheticSource(AdditionTask(5, 1), wd, 0, 48).tokenizer  # Reused as it is.
+    assert again.encode("Add: 3 5 =") == first.encode("Add: 3 5 =")
+    with pytest.raises(TokenizerError, match="trained for other task settings.*labels"):
+        SyntheticSource(AdditionTask(5, 1, labels=True), wd, 0, 48)
+    with pytest.raises(TokenizerError, match="seed: 0 there, 1 here"):
+        SyntheticSource(AdditionTask(5, 1), wd, 1, 48)
+    os.remove(os.path.join(wd, "tokenizer", "settings.json"))  # A workdir from before.
+    SyntheticSource(AdditionTask(5, 1), wd, 1, 48)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 
@@ -22,7 +23,7 @@ from jax.experimental import multihost_utils
 from vcppo_jax import rewards
 from vcppo_jax.data import math_prompts
 from vcppo_jax.data.synthetic import AdditionTask
-from vcppo_jax.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+from vcppo_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_sentencepiece
 
 EVAL_SEED_OFFSET = 1_000_003  # Held-out problems and sampling use a disjoint seed stream.
 
@@ -43,6 +44,22 @@ class SyntheticSource:
         self.task = task
         self.seed = seed
         path = os.path.join(workdir, "tokenizer", "spm.model")
+        # What the tokenizer is trained from: a workdir's tokenizer serves only these settings.
+        settings = {"task": dataclasses.asdict(task), "seed": seed, "vocab_size": vocab_size}
+        settings_path = os.path.join(os.path.dirname(path), "settings.json")
+        if os.path.exists(path) and os.path.exists(settings_path):
+            with open(settings_path) as f:
+                made = json.load(f)
+            if made != settings:
+                differ = sorted(
+                    f"{k}: {made.get(k)!r} there, {settings[k]!r} here"
+                    for k in settings
+                    if made.get(k) != settings[k]
+                )
+                raise TokenizerError(
+                    f"{path} was trained for other task settings ({'; '.join(differ)}); it "
+                    "belongs to the run in that workdir: use a new --workdir"
+                )
         if not os.path.exists(path) and jax.process_index() == 0:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             prefix = os.path.join(os.path.dirname(path), f"tmp{os.getpid()}")
@@ -52,8 +69,11 @@ class SyntheticSource:
                 vocab_size,
                 user_defined_symbols=["Answer:", "Add:"],
             )
-            os.replace(prefix + ".model", path)
+            with open(prefix + ".json", "w") as f:
+                json.dump(settings, f, indent=2, sort_keys=True)
+            os.replace(prefix + ".json", settings_path)
             os.replace(prefix + ".vocab", path[: -len(".model")] + ".vocab")
+            os.replace(prefix + ".model", path)  # Last: the tokenizer is there once this is.
         if jax.process_count() > 1:  # The others wait for process 0's tokenizer.
             multihost_utils.sync_global_devices("tokenizer")
         # Prompts end with "=": the response starts right after it.
