@@ -51,3 +51,7 @@ def test_routes_and_rollout_metrics():
     assert out["rollout/accuracy"] == 0.5 and out["rollout/response_length_mean"] == 7.5
     assert out["rollout/truncated_fraction"] == 0.5 and out["rollout/no_answer_fraction"] == 0.25
     assert out["rollout/reward_mean"] == 0.0 and out["rollout/response_length_max"] == 10
+    # Of the two responses at the limit, one wrote its EOS as the last allowed token: ended.
+    batch.ended = np.array([True, True, True, False])
+    out = rollout.rollout_metrics(batch, correct, r, max_new_tokens=10)
+    assert out["rollout/truncated_fraction"] == 0.25

@@ -589,11 +589,13 @@ def test_math_prompt_set_from_a_pretrained_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_and_every_ppo_option_run(tmp_path):
-    """GRPO (no critic), and PPO with every optional term switched on, run end to end."""
+    """GRPO (no critic) with dynamic sampling, and PPO with every other optional term switched
+    on, run end to end."""
     grpo = run_main(
         str(tmp_path / "grpo"),
         "--config.advantage.estimator=grpo",
         "--config.gae.whiten_advantages=False",
+        "--config.rollout.dynamic_sampling=True",
         "--config.rollout.samples_per_prompt=2",
         "--config.rollout.prompts_per_step=4",
         "--config.critic.init=policy",
@@ -605,7 +607,6 @@ def test_grpo_and_every_ppo_option_run(tmp_path):
         "--config.gae.length_adaptive_alpha=0.05",
         "--config.rollout.samples_per_prompt=2",
         "--config.rollout.prompts_per_step=4",
-        "--config.rollout.dynamic_sampling=True",
         "--config.ppo.kl_coef=0.01",
         "--config.ppo.value_clip=0.2",
         "--config.ppo.dual_clip=3.0",
@@ -617,7 +618,15 @@ def test_grpo_and_every_ppo_option_run(tmp_path):
     )
     assert extras.returncode == 0, extras.stderr[-3000:]
     ppo = [r for r in rows(str(tmp_path / "extras")) if r["stage"] == "ppo"]
-    assert "rollout/kept_fraction" in ppo[0] and "actor/dual_clip_fraction" in ppo[0]
+    assert all("actor/dual_clip_fraction" in r and "critic/value_loss" in r for r in ppo)
+    assert all(r["ppo/skipped_minibatches"] == 0 for r in ppo)
+    # Dynamic sampling (in the GRPO run): a step whose minibatches hold only dropped groups
+    # (the untrained smoke policy gets most groups all wrong) takes no optimiser step.
+    ppo = [r for r in rows(str(tmp_path / "grpo")) if r["stage"] == "ppo"]
+    for r in ppo:
+        assert ("actor/clip_fraction" in r) == (r["ppo/skipped_minibatches"] < 2)
+        if r["rollout/kept_fraction"] == 0:
+            assert r["ppo/skipped_minibatches"] == 2
 
 
 def test_critic_init_offset_biases_the_starting_critic(full_run, tmp_path):

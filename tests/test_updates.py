@@ -157,3 +157,52 @@ def test_reward_model_loss_against_hand_computation(loss_on):
     np.testing.assert_allclose(float(m["rm/loss"]), want, rtol=1e-5)
     np.testing.assert_allclose(float(m["rm/accuracy"]), acc)
     assert int(state.step) == 1
+
+
+def test_a_minibatch_with_no_real_token_takes_no_optimiser_step():
+    """Dynamic sampling masks the groups it drops; a minibatch of dropped rows only has zero
+    gradients, but an Adam step would still move the parameters (its momentum)."""
+    import types
+
+    from vcppo_jax.stages import ppo
+
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 24, size=(4, 12)))
+    positions = jnp.asarray(3 + np.arange(6)[None].repeat(4, 0))
+    mask = jnp.asarray(np.array([[1.0] * 6, [1.0] * 3 + [0.0] * 3, [0.0] * 6, [0.0] * 6]))
+    tx = train_state.make_optimizer(1e-2)
+    policy = models.init_params(CFG, jax.random.key(0))
+    critic = models.init_params(CFG, jax.random.key(1), "value")
+    adv = ppo.Advantages(jnp.asarray(rng.normal(size=(4, 6))) * mask, jnp.zeros((4, 6)),
+                         jnp.ones((4, 6)) * mask, {})  # fmt: skip
+    logp = updates.response_logprobs(CFG, policy, tokens, positions)
+    batch_ = types.SimpleNamespace(tokens=tokens, positions=positions)
+    settings = ppo.Settings(actor=updates.ActorSettings())
+
+    def run(minibatches, m):
+        ctx = types.SimpleNamespace(
+            model_config=CFG, put=jnp.asarray, host=np.asarray,
+            minibatches=lambda n, rng: iter(jnp.asarray(i) for i in minibatches),
+        )  # fmt: skip
+        states = types.SimpleNamespace(
+            policy=train_state.TrainState.create(train_state.copy_tree(policy), tx),
+            critic=train_state.TrainState.create(train_state.copy_tree(critic), tx),
+        )
+        correct = np.array([True, False, True, False])
+        states, out = ppo.update(ctx, states, batch_, m, adv, logp, logp, correct, settings, rng)
+        return states, out
+
+    live_only, out = run([[0, 1]], mask)
+    assert out["ppo/skipped_minibatches"] == 0
+    both, out = run([[0, 1], [2, 3]], mask)  # The second minibatch is dropped rows only.
+    assert out["ppo/skipped_minibatches"] == 1
+    for name in ("policy", "critic"):
+        a, b = getattr(live_only, name).params, getattr(both, name).params
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    none, out = run([[0, 1], [2, 3]], jnp.zeros_like(mask))  # Every row dropped.
+    assert out == {"ppo/skipped_minibatches": 2}
+    jax.tree.map(
+        lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+        none.policy.params,
+        policy,
+    )

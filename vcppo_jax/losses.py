@@ -52,7 +52,8 @@ def aggregate(
       mode: one of ``AGG_MODES``.
       total_tokens: denominator of ``token-mean``; default the real tokens in ``mask``.
         Give the count over the whole batch when ``x`` is one micro-batch of it.
-      total_seqs: denominator of the ``seq-mean-*`` modes; default ``B``.
+      total_seqs: denominator of the ``seq-mean-*`` modes; default the rows with a real
+        token (a row masked whole, e.g. a group dynamic sampling dropped, is not a sequence).
     """
     _check(mask, x)
     mask = mask.astype(jnp.float32)
@@ -60,7 +61,7 @@ def aggregate(
     if mode == "token-mean":
         denom = jnp.sum(mask) if total_tokens is None else jnp.asarray(total_tokens, jnp.float32)
         return jnp.sum(x) / jnp.maximum(denom, 1.0)
-    seqs = x.shape[0] if total_seqs is None else total_seqs
+    seqs = jnp.sum(jnp.any(mask > 0, axis=-1)) if total_seqs is None else total_seqs
     seqs = jnp.maximum(jnp.asarray(seqs, jnp.float32), 1.0)
     per_seq = jnp.sum(x, axis=-1)
     if mode == "seq-mean-token-mean":

@@ -32,6 +32,7 @@ class Batch:
     sampler_logprobs: jax.Array | None = None  # [B, N], from the sampler, when sampled
     has_answer: np.ndarray | None = None  # [B] bool: an answer could be extracted
     direct: np.ndarray | None = None  # [B] bool: the short route (answer with no steps)
+    ended: np.ndarray | None = None  # [B] bool: the response ends with an EOS, when sampled
 
 
 def is_direct(text: str) -> bool:
@@ -117,14 +118,17 @@ def sample(
             for f, r, m in zip(forced, response, mask, strict=True)
         ]
     correct, check_info = check(texts, problems)
+    n = mask.sum(1).astype(int)
+    last = response[np.arange(len(n)), np.maximum(n - 1, 0)]
     batch = Batch(
         out.tokens,
         sampling.response_positions(out),
         out.response_mask,
-        mask.sum(1).astype(int),
+        n,
         out.response_logprobs,
         np.array([rewards.extract_answer(t) is not None for t in texts]),
         np.array([is_direct(t) for t in texts]),
+        (n > 0) & np.isin(last, sampling_params.eos_ids),
     )
     gen = float(mask.sum())
     info = {
@@ -141,12 +145,16 @@ def rollout_metrics(
     """Accuracy, length, reward, truncation and answer-format shares, and the routes, of one
     batch of sampled responses (``token_rewards [B, N]`` on the host)."""
     lengths = np.asarray(batch.lengths)
+    truncated = lengths >= max_new_tokens
+    if batch.ended is not None:
+        truncated &= ~batch.ended
     return {
         "rollout/accuracy": float(np.mean(correct)),
         "rollout/response_length_mean": float(lengths.mean()),
         "rollout/response_length_max": float(lengths.max()),
         "rollout/reward_mean": float(token_rewards.sum(1).mean()),
-        "rollout/truncated_fraction": float(np.mean(lengths >= max_new_tokens)),
+        # Cut off at the limit: an EOS written as the last allowed token ended the response.
+        "rollout/truncated_fraction": float(np.mean(truncated)),
         "rollout/no_answer_fraction": float(np.mean(~batch.has_answer)),
         **route_metrics("rollout", batch.direct, correct),
     }

@@ -203,11 +203,17 @@ def update(
     rng: np.random.Generator,
 ) -> tuple[ModelStates, dict]:
     """``settings.epochs`` passes of minibatch updates: the critic (unless GRPO) on the
-    returns, then the actor on the advantages, per minibatch. Returns the mean metrics."""
+    returns, then the actor on the advantages, per minibatch. A minibatch with no real token
+    (every row dropped by dynamic sampling) is skipped: its gradient is zero, but an optimiser
+    step would still move the parameters (Adam's momentum). Returns the mean metrics."""
     is_positive = ctx.put(correct.astype(np.float32))
-    metrics = []
+    live = ctx.host(mask).sum(1) > 0
+    metrics, skipped = [], 0
     for _ in range(settings.epochs):
         for idx in ctx.minibatches(len(correct), rng):
+            if not live[np.asarray(idx)].any():
+                skipped += 1
+                continue
             m = {}
             if adv.values is not None:
                 states.critic, m = updates.critic_step(
@@ -234,7 +240,10 @@ def update(
                 settings.actor,
             )
             metrics.append({**m, **am})
-    return states, mean_metrics(metrics)
+    return states, {
+        **(mean_metrics(metrics) if metrics else {}),
+        "ppo/skipped_minibatches": skipped,
+    }
 
 
 def step(
