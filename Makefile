@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-# Fast suite (everything not marked slow), then the slow tests that guard the public surface.
+# The suite without the tests marked slow (`make test-all` runs those too).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests
 
