@@ -64,6 +64,8 @@ BAD_FIELDS = [
     ("mesh.data", 0, "mesh.data=0"),
     ("mesh.data", 4096, "mesh: mesh {'data': 4096, 'fsdp': 1, 'tensor': 1} needs 4096 devices"),
     ("data.carry_every", 2, "data.carry_every=2 needs data.labels=True"),
+    ("reward_model.min_terms", 9, "reward_model.min_terms=9: expected 0 (off) or 2..data"),
+    ("reward_model.min_terms", 1, "reward_model.min_terms=1: expected 0 (off) or 2..data"),
     ("data.carry_every", -1, "data.carry_every=-1: expected an integer >= 0"),
     ("mesh.rules", (("embed", "model"),), "mesh.rules: bad rule ('embed', 'model')"),
 ]

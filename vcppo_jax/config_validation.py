@@ -273,9 +273,10 @@ def validate_data(check: Checker) -> None:
 def validate_supervised(check: Checker) -> None:
     """SFT and the reward model."""
     num_terms = check.get("data.num_terms")
-    min_terms = check("sft.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
-    if positive_int(min_terms) and positive_int(num_terms) and not 2 <= min_terms <= num_terms:
-        check.problem(f"sft.min_terms={min_terms}: expected 0 (off) or 2..data.num_terms")
+    for stage in ("sft", "reward_model"):
+        min_terms = check(f"{stage}.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
+        if positive_int(min_terms) and positive_int(num_terms) and not 2 <= min_terms <= num_terms:
+            check.problem(f"{stage}.min_terms={min_terms}: expected 0 (off) or 2..data.num_terms")
     for stage in ("sft", "reward_model"):
         check(f"{stage}.steps", non_negative_int, "an integer >= 0")
         check(f"{stage}.batch_size", positive_int, "an integer >= 1")
@@ -283,7 +284,6 @@ def validate_supervised(check: Checker) -> None:
     check("reward_model.init", *one_of(("policy", "random")))
     check("reward_model.eval_every", non_negative_int, "an integer >= 0 (0 = after the last step)")
     check("reward_model.eval_problems", positive_int, "an integer >= 1")
-    check("reward_model.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
     pairs = check("reward_model.pairs", *one_of(PAIRS))
     check(
         "reward_model.direct_fraction",
