@@ -277,7 +277,6 @@ def validate_supervised(check: Checker) -> None:
         min_terms = check(f"{stage}.min_terms", non_negative_int, "an integer >= 0 (0 = off)")
         if positive_int(min_terms) and positive_int(num_terms) and not 2 <= min_terms <= num_terms:
             check.problem(f"{stage}.min_terms={min_terms}: expected 0 (off) or 2..data.num_terms")
-    for stage in ("sft", "reward_model"):
         check(f"{stage}.steps", non_negative_int, "an integer >= 0")
         check(f"{stage}.batch_size", positive_int, "an integer >= 1")
         check(f"{stage}.learning_rate", positive, "a positive number")

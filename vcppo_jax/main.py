@@ -72,8 +72,10 @@ def _not_from_orbax(record) -> bool:
     return f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
-# OS errors that say what is wrong with the machine, not with the code.
-_OS_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+# OS errors that say what is wrong with the machine or a file named to it, not with the code.
+_OS_ERRNOS = (
+    errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENOENT,
+)  # fmt: skip
 
 
 def user_error(e: BaseException) -> str | None:
@@ -110,7 +112,7 @@ def user_error(e: BaseException) -> str | None:
         return str(e)
     if isinstance(e, FileNotFoundError) and e.errno is None:  # The project's own message.
         return str(e)
-    if isinstance(e, OSError) and e.errno in (*_OS_ERRNOS, errno.ENOENT):
+    if isinstance(e, OSError) and e.errno in _OS_ERRNOS:
         where = f"{e.filename}: " if e.filename else ""
         return f"{where}{e.strerror}"
     if isinstance(e, BrokenProcessPool):
@@ -125,13 +127,18 @@ def _paths(config, prefix: str = "") -> list[str]:
     return out
 
 
+def _config_spec(argv: list[str]) -> tuple[str, str, str] | None:
+    """``--config=FILE[:ARG]`` as (the flag's value, FILE, ARG), or None without the flag."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    return None if spec is None else (spec, *spec.partition(":")[::2])
+
+
 def unknown_overrides(argv: list[str]) -> list[str]:
     """One message per ``--config.a.b=...`` flag that names no field of the config file given
     by ``--config=FILE[:ARG]``, with the closest known names."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None:
+    if (given := _config_spec(argv)) is None:
         return []
-    path, _, arg = spec.partition(":")
+    _, path, arg = given
     module_spec = importlib.util.spec_from_file_location("_config_file", path)
     if module_spec is None or module_spec.loader is None:
         return []
@@ -150,15 +157,11 @@ def unknown_overrides(argv: list[str]) -> list[str]:
 
 
 def _config_file_problem(argv: list[str]) -> str | None:
-    """The one-line problem with ``--config=FILE[:ARG]``'s file, if it has one: missing, or
-    without the ``get_config`` a config file defines."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if spec is None:
+    """``--config=FILE[:ARG]`` naming no file: the one-line problem; else None."""
+    if (given := _config_spec(argv)) is None or os.path.isfile(given[1]):
         return None
-    path = spec.partition(":")[0]
-    if not os.path.isfile(path):
-        return f"--config={spec}: no such config file {path!r}"
-    return None
+    spec, path, _ = given
+    return f"--config={spec}: no such config file {path!r}"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
